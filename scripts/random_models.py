@@ -1,0 +1,77 @@
+"""Random-weight checkpoints with real architectures, for tests and benchmarks where no weights can be downloaded.
+
+A word-level tokenizer covers the whole vocabulary (so every sampled ID decodes) and carries a ChatML template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("0 1 2 3 4 5 6 7 8 9 10 12 15 20 + - * = . , ? ! { } what is plus minus times compute "
+         "the answer a of and to how many there are with each boxes pens apples crate holds add remove "
+         "multiply by now solve problem put final in system user assistant boxed \\").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_word_tokenizer(path: Path, vocab_size: int, chat_template: str = CHAT_TEMPLATE) -> None:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"w{i}"] = i
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    # Without an explicit class, AutoTokenizer picks the model type's tokenizer and rebuilds its byte-level pipeline.
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=1))
+
+
+def save_tiny_dense(path: Path, vocab_size: int = 256, seed: int = 0, init_std: float = 0.1) -> Path:
+    """A 2-layer Llama (dense: LoRA runs on vLLM's CPU backend for it), float32, with spread-out logits.
+
+    Llama rather than Qwen2: transformers replaces a Qwen2 checkpoint's tokenizer with its byte-level one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                         initializer_range=init_std, tie_word_embeddings=False, eos_token_id=2, pad_token_id=0,
+                         bos_token_id=None, dtype="float32")
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path)
+    save_word_tokenizer(path, vocab_size)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
+    return path
+
+
+def tiny_gpt_oss_config(vocab_size: int = 256):
+    """GPT-OSS layout (MoE, attention sinks, alternating sliding window, YaRN rope) at toy size."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                        num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                        max_position_embeddings=1024, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+
+
+def save_tiny_gpt_oss(path: Path, vocab_size: int = 256, seed: int = 0) -> Path:
+    import torch
+    from transformers import GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    GptOssForCausalLM(tiny_gpt_oss_config(vocab_size)).to(torch.float32).save_pretrained(path)
+    save_word_tokenizer(path, vocab_size)
+    return path

@@ -1,0 +1,113 @@
+"""Weight sync by LoRA adapter: save the trainer's adapter to the shared volume and register it with vLLM.
+
+Each optimizer step publishes a new version under a new name (`policy-v<step>`), so a request can never mix two
+versions, and vLLM's prefix cache (keyed by adapter) never serves KV computed with stale weights. Older versions
+are unloaded once nothing can use them, and their files deleted one publish later.
+
+NCCL weight broadcast (TRL's server mode) is not an option here: the trainer shares its GPUs with the TP=2 server
+and NCCL cannot put two ranks on one GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .vllm_client import ServerError, VLLMServerClient
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "policy-v"
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` and the directories themselves, so another container reads complete files."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class AdapterPublisher:
+    def __init__(self, model, client: VLLMServerClient, adapters_dir: Path):
+        self.model = model
+        self.client = client
+        self.adapters_dir = adapters_dir.resolve()
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        self.current: str | None = None
+        self._previous: str | None = None
+        self.last_publish_seconds = 0.0
+
+    def path_of(self, name: str) -> Path:
+        path = (self.adapters_dir / name).resolve()
+        # The server reads whatever path it is told; only paths of this run's adapter dir are ever sent.
+        if path.parent != self.adapters_dir or not name.startswith(ADAPTER_PREFIX):
+            raise ValueError(f"refusing to register adapter path outside {self.adapters_dir}: {path}")
+        return path
+
+    def publish(self, step: int) -> str:
+        """Save the adapter as version `step`, register it, retire the older versions; return its name."""
+        start = time.perf_counter()
+        name = f"{ADAPTER_PREFIX}{step}"
+        path = self.path_of(name)
+        if path.exists():  # a leftover of a run killed mid-publish: rewrite it whole
+            shutil.rmtree(path)
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            self.model.save_pretrained(partial)
+            fsync_tree(partial)
+            os.replace(partial, path)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(f"cannot write adapter {path} ({exc.strerror or exc}); is the runs volume full? "
+                          "Free space there and restart: training resumes from the last checkpoint") from exc
+        self.client.load_lora_adapter(name, str(path))
+        # Generation is synchronous, so once the new version is registered no request can use the old one:
+        # unload it now (frees a --max-loras slot), delete its files a publish later (a reader may still be on them).
+        if self._previous:
+            shutil.rmtree(self.path_of(self._previous), ignore_errors=True)
+        if self.current:
+            self._unload(self.current)
+        self._previous, self.current = self.current, name
+        self.last_publish_seconds = time.perf_counter() - start
+        return name
+
+    def check_server_accepts(self) -> None:
+        """Register and unload a probe copy of the adapter: a server that rejects it fails here, at start."""
+        name = f"{ADAPTER_PREFIX}probe"
+        path = self.path_of(name)
+        shutil.rmtree(path, ignore_errors=True)
+        self.model.save_pretrained(path)
+        fsync_tree(path)
+        try:
+            self.client.load_lora_adapter(name, str(path))
+            self._unload(name)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def republish(self) -> None:
+        """Register the current version again, e.g. after the server restarted and lost its adapters."""
+        if self.current is None:
+            raise RuntimeError("no adapter published yet")
+        log.warning("vLLM server does not know adapter %s (did it restart?); registering it again", self.current)
+        self.client.load_lora_adapter(self.current, str(self.path_of(self.current)))
+
+    def _unload(self, name: str) -> None:
+        try:
+            self.client.unload_lora_adapter(name)
+        except ServerError as exc:  # a leftover slot costs memory, not correctness
+            log.warning("could not unload adapter %s: %s", name, exc)
+
+    def remove_leftovers(self) -> None:
+        """Delete adapter versions a previous process of this run left behind (kept: checkpoints hold their own)."""
+        for path in self.adapters_dir.glob(f"{ADAPTER_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)

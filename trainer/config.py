@@ -1,0 +1,202 @@
+"""Typed settings of the trainer, read from the environment (the compose `.env`).
+
+Every field names its environment variable, default and meaning; `Settings.from_env` parses and validates all of
+them at once and reports every wrong value with the variable's name and what is allowed, so a bad `.env` fails
+at start, before a GPU is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+SECRET_SETTINGS = ("VLLM_API_KEY",)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+TORCH_DTYPES = ("bfloat16", "float32")
+REPORT_TARGETS = ("none", "tensorboard", "wandb", "trackio")
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SettingsError(ValueError):
+    """One or more settings are wrong; the message lists each with its fix."""
+
+
+def setting(env: str, default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "check": check})
+
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def each_one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda vs: next((f"unknown value {v!r}; allowed: {', '.join(choices)}" for v in vs if v not in choices), None)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- the vLLM server ---
+    vllm_server_host: str = setting("VLLM_SERVER_HOST", "localhost", "Host name of the vLLM server (the compose service name in the stack).")
+    vllm_server_port: int = setting("VLLM_SERVER_PORT", 8000, "Port of the vLLM server.", between(1, 65535))
+    vllm_api_key: str = setting("VLLM_API_KEY", "", "API key shared with the server's --api-key; empty means none. Never logged.")
+    vllm_wait_timeout: float = setting("VLLM_WAIT_TIMEOUT", 1800.0, "Seconds to wait for GET /health before giving up (first start downloads and loads the model).", at_least(1))
+    vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", at_least(1))
+    vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused, timeouts, 500/502/503/504, before a clear error.", at_least(1))
+    vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", at_least(0.1))
+    # --- model ---
+    model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
+    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "transformers attention of the trainer: eager, sdpa, flex_attention or a kernel repo such as kernels-community/vllm-flash-attn3.")
+    torch_dtype: str = setting("TORCH_DTYPE", "bfloat16", "Dtype the trainer loads the model in (MXFP4 checkpoints are dequantized to it).", one_of(*TORCH_DTYPES))
+    gpu_memory_budget_gib: float = setting("GPU_MEMORY_BUDGET_GIB", 36.0, "GiB per visible GPU the trainer may put weights in; vLLM holds the rest.", at_least(1))
+    gradient_checkpointing: bool = setting("GRADIENT_CHECKPOINTING", True, "Recompute activations in backward to keep the micro-step peak low.")
+    # --- LoRA ---
+    lora_rank: int = setting("LORA_RANK", 4, "LoRA rank; must not exceed the server's --max-lora-rank.", between(1, 512))
+    lora_alpha: int = setting("LORA_ALPHA", 8, "LoRA alpha (scale = alpha / rank).", at_least(1))
+    lora_dropout: float = setting("LORA_DROPOUT", 0.0, "LoRA dropout.", between(0.0, 0.9))
+    lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "Comma-separated module names LoRA wraps; attention projections load in vLLM for every architecture here.")
+    # --- data and rewards ---
+    dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, or 'sample' for the bundled offline set.")
+    dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")
+    dataset_split: str = setting("DATASET_SPLIT", "train", "Split to train on.")
+    system_prompt: str = setting("SYSTEM_PROMPT", "Solve the problem. Put the final answer in \\boxed{}.", "System message put before each problem.")
+    reward_funcs: tuple[str, ...] = setting("REWARD_FUNCS", ("accuracy", "boxed_format"), "Comma-separated reward names (accuracy, boxed_format, think_format) or dotted paths module.func.")
+    reward_weights: tuple[float, ...] = setting("REWARD_WEIGHTS", (), "Comma-separated weights, one per reward; empty means all 1.")
+    # --- GRPO ---
+    num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
+    micro_batch_size: int = setting("MICRO_BATCH_SIZE", 1, "Sequences per forward/backward micro-step; 1 is sequential backprop.", at_least(1))
+    gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step; sequences per step = micro batch x this.", at_least(1))
+    max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Prompt tokens kept (longer prompts are cut from the left).", at_least(1))
+    max_completion_length: int = setting("MAX_COMPLETION_LENGTH", 3584, "Most tokens sampled per completion; one that hits it counts as clipped.", at_least(1))
+    temperature: float = setting("TEMPERATURE", 1.0, "Sampling temperature.", between(0.01, 10.0))
+    top_p: float = setting("TOP_P", 1.0, "Nucleus sampling threshold.", between(0.01, 1.0))
+    loss_type: str = setting("LOSS_TYPE", "dapo", "TRL loss aggregation.", one_of(*LOSS_TYPES))
+    beta: float = setting("BETA", 0.0, "KL coefficient (0 keeps no reference model in memory).", at_least(0.0))
+    learning_rate: float = setting("LEARNING_RATE", 1e-5, "Peak learning rate.", between(0.0, 1.0))
+    lr_scheduler: str = setting("LR_SCHEDULER", "constant_with_warmup", "Learning-rate schedule.", one_of(*LR_SCHEDULERS))
+    warmup_steps: int = setting("WARMUP_STEPS", 5, "Optimizer steps of linear warmup.", at_least(0))
+    max_steps: int = setting("MAX_STEPS", 500, "Optimizer steps in the run.", at_least(1))
+    seed: int = setting("SEED", 42, "Seed of sampling order, LoRA init and dropout.", at_least(0))
+    # --- run, checkpoints, logs ---
+    run_name: str = setting("RUN_NAME", "grpo_gptoss20b_lora4_tes", "Name of the run; its files go to RUNS_DIR/RUN_NAME.")
+    runs_dir: Path = setting("RUNS_DIR", Path("runs"), "Directory of all runs (the shared volume in the stack; the server reads adapters from it).")
+    save_steps: int = setting("SAVE_STEPS", 25, "Checkpoint every this many optimizer steps (and always on SIGTERM).", at_least(1))
+    save_total_limit: int = setting("SAVE_TOTAL_LIMIT", 3, "Checkpoints kept; older ones are deleted.", at_least(2))
+    logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps.", at_least(1))
+    report_to: tuple[str, ...] = setting("REPORT_TO", ("tensorboard",), "Comma-separated: tensorboard, wandb, trackio, or none.", each_one_of(*REPORT_TARGETS))
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def server_url(self) -> str:
+        return f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.run_name
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.sequences_per_step // self.num_generations
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values, problems = {}, []
+        types = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            env = f.metadata["env"]
+            raw = environ.get(env)
+            if raw is None or (raw.strip() == "" and f.default != ""):
+                continue
+            try:
+                values[f.name] = _parse(raw.strip(), types[f.name])
+            except ValueError:
+                problems.append(f"{env}={raw!r}: expected {_type_name(types[f.name])}")
+                continue
+            check = f.metadata["check"]
+            message = check(values[f.name]) if check else None
+            if message:
+                problems.append(f"{env}={raw!r}: {message}")
+        settings = cls(**values)
+        problems += settings._cross_checks()
+        if problems:
+            raise SettingsError("invalid settings (fix them in .env):\n  " + "\n  ".join(problems))
+        return settings
+
+    def _cross_checks(self) -> list[str]:
+        problems = []
+        if self.sequences_per_step % self.num_generations:
+            problems.append(
+                f"MICRO_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS = {self.sequences_per_step} sequences per step must be "
+                f"a multiple of NUM_GENERATIONS={self.num_generations} (each prompt's whole group trains in one step)")
+        if not RUN_NAME_PATTERN.match(self.run_name):
+            problems.append(f"RUN_NAME={self.run_name!r}: use letters, digits, '.', '_' and '-' only")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            problems.append(f"REWARD_WEIGHTS has {len(self.reward_weights)} values but REWARD_FUNCS names "
+                            f"{len(self.reward_funcs)} rewards: give one weight per reward or leave it empty")
+        if not self.reward_funcs:
+            problems.append("REWARD_FUNCS is empty: name at least one reward")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            problems.append("REPORT_TO: 'none' cannot be combined with other targets")
+        return problems
+
+    def describe(self) -> str:
+        """One `NAME=value` per line, secrets masked, for the run log."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["env"] in SECRET_SETTINGS:
+                value = "<set>" if value else "<empty>"
+            elif isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            lines.append(f"{f.metadata['env']}={value}")
+        return "\n".join(lines)
+
+
+def _parse(raw: str, annotation: Any) -> Any:
+    if annotation is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if typing.get_origin(annotation) is tuple:
+        item_type = typing.get_args(annotation)[0]
+        return tuple(item_type(item.strip()) for item in raw.split(",") if item.strip())
+    return annotation(raw)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return f"a comma-separated list of {_type_name(typing.get_args(annotation)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", Path: "a path"}.get(annotation, "text")
+
+
+def help_text() -> str:
+    """The table `--help` prints: every setting, its default and meaning."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        rows.append(f"  {f.metadata['env']:<28} default: {str(default) or '(empty)'}\n      {f.metadata['help']}")
+    return "Settings (environment variables, e.g. in .env):\n" + "\n".join(rows)

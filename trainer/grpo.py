@@ -1,0 +1,50 @@
+"""TRL's GRPOTrainer with this stack's generation backend and sequential-backprop bookkeeping.
+
+TRL's algorithm runs unchanged (loss types, importance-sampling correction, metric names); only the vLLM backend
+is swapped for `ServerGeneration` (HTTP sampling, adapter sync), checkpoints gain a manifest, and each micro-step
+reports its peak GPU memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import trl.trainer.grpo_trainer as trl_grpo
+from trl import GRPOTrainer
+
+from .adapter_sync import AdapterPublisher
+from .checkpoints import mark_complete
+from .generation import ServerGeneration
+from .run_log import MicroStepMemory
+from .vllm_client import VLLMServerClient
+
+
+class AdapterSyncGRPOTrainer(GRPOTrainer):
+    def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float, **kwargs):
+        args = kwargs["args"]
+        self.memory = MicroStepMemory(args.gradient_accumulation_steps)
+
+        def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
+            return ServerGeneration(
+                client, AdapterPublisher(model, client, adapters_dir), lambda: self.state.global_step,
+                max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                wait_timeout=wait_timeout)
+
+        with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
+            super().__init__(**kwargs)
+
+    def _prepare_inputs(self, generation_batch):
+        self._micro_batch = super()._prepare_inputs(generation_batch)
+        return self._micro_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward of one micro-batch
+        batch = self._micro_batch
+        tokens = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+        self.memory.record(self.state.global_step, sequences=batch["completion_mask"].shape[0], tokens=tokens)
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")

@@ -1,0 +1,42 @@
+"""Load the policy for training: bf16 weights (MXFP4 experts dequantized), spread over the GPUs within a budget."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_name: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    tokenizer.padding_side = "left"  # TRL pads prompts on the left
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
+               gradient_checkpointing: bool):
+    config = AutoConfig.from_pretrained(model_name)
+    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
+    quantization = getattr(config, "quantization_config", None) or {}
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # LoRA trains on bf16 weights
+    if torch.cuda.is_available():
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {i: f"{gpu_memory_budget_gib}GiB" for i in range(torch.cuda.device_count())}
+    model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    model.config.use_cache = not gradient_checkpointing
+    log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
+             f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
+    return model
+
+
+def lora_config(rank: int, alpha: int, dropout: float, target_modules: tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      bias="none", task_type="CAUSAL_LM")

@@ -1,0 +1,75 @@
+"""Reward functions by name: TRL's own (`trl.rewards`) plus a format reward, or any `module.function` path.
+
+Follows TRL's `trl/scripts/grpo.py`: a registry of names, with dotted import paths for user rewards. Every reward
+is wrapped so one that raises scores 0 for that batch, is counted and logged, and never stops training.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+from typing import Callable
+
+from trl.rewards import accuracy_reward, think_format_reward
+
+log = logging.getLogger(__name__)
+
+BOXED = re.compile(r"\\boxed\{[^{}]*\}")
+
+
+def completion_text(completion) -> str:
+    """Completions are message lists for chat data, plain text otherwise."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return completion
+
+
+def boxed_format_reward(completions, **kwargs) -> list[float]:
+    """1.0 when the completion gives exactly one final answer in \\boxed{...}, else 0.0."""
+    return [1.0 if len(BOXED.findall(completion_text(c))) == 1 else 0.0 for c in completions]
+
+
+REWARD_REGISTRY: dict[str, Callable] = {
+    "accuracy": accuracy_reward,
+    "boxed_format": boxed_format_reward,
+    "think_format": think_format_reward,
+}
+
+
+class RewardError(ValueError):
+    pass
+
+
+def tolerant(func: Callable) -> Callable:
+    """Wrap `func` so an exception scores 0 for the batch and is counted in `wrapper.failures`."""
+    @functools.wraps(func)
+    def wrapper(completions, **kwargs):
+        try:
+            return func(completions=completions, **kwargs)
+        except Exception as exc:  # a user's reward may raise anything; the run must go on
+            wrapper.failures += 1
+            log.warning("reward %s raised %s: %s; scoring 0 for %d completions", func.__name__,
+                        type(exc).__name__, exc, len(completions))
+            return [0.0] * len(completions)
+
+    wrapper.failures = 0
+    return wrapper
+
+
+def resolve(name: str) -> Callable:
+    if name in REWARD_REGISTRY:
+        return REWARD_REGISTRY[name]
+    if "." in name:
+        module_path, func_name = name.rsplit(".", 1)
+        try:
+            return getattr(importlib.import_module(module_path), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise RewardError(f"REWARD_FUNCS: cannot import {name!r} ({exc})") from exc
+    raise RewardError(f"REWARD_FUNCS: unknown reward {name!r}; use one of {', '.join(REWARD_REGISTRY)} "
+                      "or a dotted path module.function")
+
+
+def load_rewards(names: tuple[str, ...]) -> list[Callable]:
+    return [tolerant(resolve(name)) for name in names]

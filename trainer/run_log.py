@@ -1,0 +1,134 @@
+"""What a run tells its user: `training.log` and stdout (one readable line per step), `metrics.jsonl` (every metric),
+and the peak GPU memory of each micro-step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("trainer")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(run_dir: Path) -> None:
+    """Log to stdout (for `docker compose logs trainer`) and append to run_dir/training.log (kept across restarts)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(LOG_FORMAT)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "training.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak allocated memory since the last call, per CUDA device (reset after reading); host max RSS on CPU."""
+    if not torch.cuda.is_available():
+        return {"cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peaks = {}
+    for device in range(torch.cuda.device_count()):
+        peaks[f"cuda:{device}"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return peaks
+
+
+class MicroStepMemory:
+    """Logs `torch.cuda.max_memory_allocated()` per device after each micro-step; keeps the step's maximum."""
+
+    def __init__(self, micro_steps_per_step: int):
+        self.micro_steps_per_step = micro_steps_per_step
+        self.micro_step = 0
+        self.step_peak: dict[str, float] = {}
+
+    def record(self, step: int, sequences: int, tokens: int) -> None:
+        self.micro_step += 1
+        peaks = peak_memory_gib()
+        for device, gib in peaks.items():
+            self.step_peak[device] = max(gib, self.step_peak.get(device, 0.0))
+        index = (self.micro_step - 1) % self.micro_steps_per_step + 1
+        log.info("micro-step %d/%d of step %d: %d seq, %d tokens, peak memory %s", index, self.micro_steps_per_step,
+                 step + 1, sequences, tokens, " ".join(f"{d}={g:.2f}GiB" for d, g in peaks.items()))
+
+    def take_step_peak(self) -> dict[str, float]:
+        peak, self.step_peak = self.step_peak, {}
+        return peak
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunLogger(TrainerCallback):
+    """Per step: one human line (stdout + training.log) and one JSON line in metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters=None):
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.generation = generation
+        self.memory = memory
+        self.extra_counters = extra_counters or (lambda: {})
+        self.step_started = None
+        self.run_started = None
+        self.first_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run_started = time.time()
+        self.first_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.step_started is None:
+            self.step_started = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "reward" not in logs:  # the end-of-training summary has no step metrics
+            return
+        step_seconds = time.perf_counter() - self.step_started if self.step_started else float("nan")
+        self.step_started = None
+        timings = self.generation.take_timings()
+        train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds, 1e-9)
+        record = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs,
+                  "adapter": timings.adapter,
+                  "time/step_s": step_seconds, "time/generation_s": timings.generation_seconds,
+                  "time/sync_s": timings.sync_seconds, "time/train_s": train_seconds,
+                  "tokens/generated": timings.completion_tokens,
+                  "tokens/generation_per_s": timings.completion_tokens / max(timings.generation_seconds, 1e-9),
+                  "tokens/train_per_s": (timings.completion_tokens + timings.prompt_tokens) / train_seconds,
+                  "server/recoveries": timings.recoveries,
+                  **{f"memory/peak_gib/{d}": g for d, g in self.memory.take_step_peak().items()},
+                  **self.extra_counters()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+        log.info(self.format_line(record, state))
+
+    def format_line(self, r: dict, state) -> str:
+        done = state.global_step - self.first_step
+        elapsed = time.time() - self.run_started
+        eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+        memory = "/".join(f"{v:.1f}" for k, v in r.items() if k.startswith("memory/peak_gib/"))
+        return (f"step {r['step']}/{r['max_steps']} | eta {_fmt_seconds(eta) if math.isfinite(eta) else '?'} | "
+                f"reward {r['reward']:.3f} ± {r.get('reward_std', float('nan')):.3f} | "
+                f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
+                f"len {r.get('completions/mean_length', float('nan')):.0f} | "
+                f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
+                f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "
+                f"peak {memory} GiB | {r['adapter']}")
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

@@ -1,0 +1,148 @@
+"""GRPO + LoRA fine-tuning of GPT-OSS against a vLLM server, configured by environment variables.
+
+    python train_grpo_vllm.py            # settings from the environment (.env in the compose stack)
+    python train_grpo_vllm.py --help     # every setting, its default and meaning
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from transformers import ProgressCallback, TrainerCallback
+from trl import GRPOConfig
+
+from trainer.adapter_sync import AdapterPublisher
+from trainer.checkpoints import latest_intact_checkpoint
+from trainer.config import Settings, SettingsError, help_text
+from trainer.data import DatasetError, load_prompts
+from trainer.grpo import AdapterSyncGRPOTrainer
+from trainer.model import lora_config, load_model, load_tokenizer
+from trainer.rewards import RewardError, load_rewards
+from trainer.run_log import RunLogger, setup_logging
+from trainer.shutdown import GracefulStop
+from trainer.vllm_client import ServerError, VLLMServerClient
+
+log = logging.getLogger("trainer")
+
+
+class QuietProgress(ProgressCallback):
+    """TRL's progress bar without its per-step dict dump (RunLogger prints a readable line instead)."""
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
+    return GRPOConfig(
+        output_dir=str(s.run_dir), run_name=s.run_name, seed=s.seed,
+        per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
+        num_generations=s.num_generations, max_completion_length=s.max_completion_length,
+        temperature=s.temperature, top_p=s.top_p, loss_type=s.loss_type, beta=s.beta,
+        learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps,
+        max_steps=s.max_steps, reward_weights=list(s.reward_weights) or None,
+        use_vllm=True, vllm_mode="server", vllm_server_host=s.vllm_server_host, vllm_server_port=s.vllm_server_port,
+        vllm_importance_sampling_correction=True,
+        gradient_checkpointing=s.gradient_checkpointing, bf16=s.torch_dtype == "bfloat16" and not use_cpu,
+        use_cpu=use_cpu, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+        logging_steps=s.logging_steps, report_to=[] if "none" in s.report_to else list(s.report_to),
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip() + "\n\n" + help_text())
+        return 0
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.run_dir)
+    stop = GracefulStop()
+    log.info("resolved settings:\n%s", settings.describe())
+    try:
+        return train(settings, stop)
+    except (SettingsError, DatasetError, RewardError, ServerError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def train(s: Settings, stop: GracefulStop) -> int:
+    import os
+    import torch
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(s.run_dir / "tb"))
+    reward_funcs = load_rewards(s.reward_funcs)  # unknown names fail before anything slow
+    client = VLLMServerClient(s.server_url, s.vllm_api_key, s.vllm_request_timeout, s.vllm_max_retries,
+                              s.vllm_retry_max_wait)
+    log.info("Generation config: use_vllm=True, vllm_mode=server, server=%s, weight_sync=lora_adapter, "
+             "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s",
+             s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p)
+    client.wait_until_healthy(s.vllm_wait_timeout)
+    served = client.served_model()
+    max_model_len = served.get("max_model_len")
+    if max_model_len and s.max_prompt_length + s.max_completion_length > max_model_len:
+        raise SettingsError(f"MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH = {s.max_prompt_length + s.max_completion_length} "
+                            f"exceeds the server's --max-model-len {max_model_len}: lower them or raise VLLM_MAX_MODEL_LEN")
+    if served["id"] != s.model_name:
+        log.warning("the server serves %r but MODEL_NAME is %r: adapters are trained on MODEL_NAME", served["id"], s.model_name)
+
+    tokenizer = load_tokenizer(s.model_name)
+    dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
+    dataset = drop_long_prompts(dataset, tokenizer, s.max_prompt_length)
+    model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
+                       s.gradient_checkpointing)
+
+    use_cpu = not torch.cuda.is_available()
+    trainer = AdapterSyncGRPOTrainer(
+        client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
+        model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
+        args=grpo_config(s, use_cpu),
+        peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
+    generation = trainer.vllm_generation
+    check_adapter_registration(generation.publisher)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    trainer.add_callback(RunLogger(s.run_dir, generation, trainer.memory, lambda: {
+        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}))
+    trainer.add_callback(stop)
+
+    checkpoint = latest_intact_checkpoint(s.run_dir)
+    log.info("resuming from %s", checkpoint) if checkpoint else log.info("starting a new run in %s", s.run_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop.requested:
+        log.info("stopped at step %d; checkpoint saved, restart to resume", trainer.state.global_step)
+        return 0
+    final = s.run_dir / "final_adapter"
+    trainer.save_model(str(final))
+    log.info("finished %d steps; final adapter (PEFT, loadable by transformers and vLLM) in %s",
+             trainer.state.global_step, final)
+    return 0
+
+
+def drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
+    def fits(row) -> bool:
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return len(ids) <= max_prompt_length
+
+    kept = dataset.filter(fits)
+    if len(kept) < len(dataset):
+        log.warning("skipped %d prompts longer than MAX_PROMPT_LENGTH=%d tokens", len(dataset) - len(kept),
+                    max_prompt_length)
+    if len(kept) == 0:
+        raise SettingsError(f"no prompt fits MAX_PROMPT_LENGTH={max_prompt_length}: raise it")
+    return kept
+
+
+def check_adapter_registration(publisher: AdapterPublisher) -> None:
+    """Register the untrained adapter once before training, so a server that cannot take it fails the start."""
+    try:
+        publisher.check_server_accepts()
+    except ServerError as exc:
+        raise ServerError(f"{exc}\nthe vLLM server must run with --enable-lora, --max-lora-rank >= LORA_RANK and "
+                          "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (VLLM_MAX_LORA_RANK in .env)") from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
