@@ -20,7 +20,8 @@ build_venv() {  # name requirements-file...
   rm -rf "$dir"
   "$PYTHON" -m venv "$dir"
   local req
-  for req in "$@"; do "$dir/bin/pip" install -q -r "$req"; done
+  # pip's global config names local indexes that may be absent; its warnings about them are noise here.
+  for req in "$@"; do "$dir/bin/pip" install -q -r "$req" 2> >(grep -v "is ignored: it is neither" >&2); done
   echo "$stamp" > "$dir/.stamp"
 }
 

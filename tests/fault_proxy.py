@@ -1,0 +1,63 @@
+"""A fault-injecting HTTP proxy in front of the real vLLM server: the only test double in the suite.
+
+`plan(path, attempt_number) -> int | None` decides per request: an HTTP status to answer instead of the server,
+or None to forward. Requests are counted so tests can assert what the trainer retried.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import requests
+
+
+class FaultProxy:
+    def __init__(self, target: str, plan: Callable[[str, int], int | None], port: int = 0):
+        self.target = target
+        self.plan = plan
+        self.requests = Counter()
+        self.faults = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests[self.path] += 1
+                status = proxy.plan(self.path, proxy.requests[self.path])
+                if status is not None:
+                    proxy.faults[status] += 1
+                    payload = b'{"error": "injected fault"}'
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                upstream = requests.request(self.command, proxy.target + self.path, data=body, headers=headers,
+                                            timeout=300)
+                self.send_response(upstream.status_code)
+                self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+
+            do_GET = do_POST = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

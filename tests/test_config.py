@@ -1,0 +1,72 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from trainer.config import Settings, SettingsError, help_text
+
+
+def test_defaults_match_the_product():
+    s = Settings.from_env({})
+    assert (s.vllm_server_host, s.vllm_server_port, s.model_name) == ("localhost", 8000, "openai/gpt-oss-20b")
+    assert s.run_dir.as_posix() == "runs/grpo_gptoss20b_lora4_tes"
+    assert (s.lora_rank, s.micro_batch_size) == (4, 1)
+    assert s.sequences_per_step == 16 and s.prompts_per_step == 2
+
+
+def test_environment_overrides_are_typed():
+    s = Settings.from_env({"VLLM_SERVER_PORT": "9000", "ATTN_IMPLEMENTATION": "kernels-community/vllm-flash-attn3",
+                           "LORA_TARGET_MODULES": "q_proj, v_proj", "REWARD_WEIGHTS": "1,0.5",
+                           "REWARD_FUNCS": "accuracy,boxed_format", "GRADIENT_CHECKPOINTING": "false"})
+    assert s.vllm_server_port == 9000 and s.attn_implementation == "kernels-community/vllm-flash-attn3"
+    assert s.lora_target_modules == ("q_proj", "v_proj") and s.reward_weights == (1.0, 0.5)
+    assert s.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"VLLM_SERVER_PORT": "http"}, "VLLM_SERVER_PORT='http': expected an integer"),
+    ({"VLLM_SERVER_PORT": "70000"}, "VLLM_SERVER_PORT='70000': must be between 1 and 65535"),
+    ({"LORA_RANK": "0"}, "LORA_RANK='0'"),
+    ({"TEMPERATURE": "hot"}, "TEMPERATURE='hot': expected a number"),
+    ({"LOSS_TYPE": "ppo"}, "LOSS_TYPE='ppo': must be one of grpo, dapo, dr_grpo, bnpo"),
+    ({"TORCH_DTYPE": "bf16"}, "TORCH_DTYPE='bf16': must be one of bfloat16, float32"),
+    ({"NUM_GENERATIONS": "3"}, "must be a multiple of NUM_GENERATIONS=3"),
+    ({"REWARD_WEIGHTS": "1,2,3"}, "REWARD_WEIGHTS has 3 values but REWARD_FUNCS names 2"),
+    ({"RUN_NAME": "../escape"}, "RUN_NAME='../escape'"),
+    ({"REPORT_TO": "none,wandb"}, "'none' cannot be combined"),
+    ({"REPORT_TO": "mlflow"}, "unknown value 'mlflow'"),
+    ({"GRADIENT_CHECKPOINTING": "maybe"}, "GRADIENT_CHECKPOINTING='maybe': expected true or false"),
+])
+def test_wrong_values_name_the_setting(env, fragment):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert fragment in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"LORA_RANK": "x", "TOP_P": "2"})
+    assert "LORA_RANK" in str(err.value) and "TOP_P" in str(err.value)
+
+
+def test_api_key_never_printed():
+    assert "s3cret" not in Settings.from_env({"VLLM_API_KEY": "s3cret"}).describe()
+
+
+def test_help_lists_every_setting_with_default():
+    text = help_text()
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["env"] in text
+    result = subprocess.run([sys.executable, str(REPO / "trainer/train_grpo_vllm.py"), "--help"],
+                            capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and "VLLM_SERVER_HOST" in result.stdout and "default: localhost" in result.stdout
+
+
+def test_bad_env_stops_the_entry_script_with_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "trainer/train_grpo_vllm.py")], capture_output=True,
+                            text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "LORA_RANK": "-1",
+                                            "RUNS_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "LORA_RANK='-1'" in result.stderr and "fix them in .env" in result.stderr
