@@ -12,7 +12,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 build_venv() {  # name requirements-file...
   local name=$1; shift
   local dir="$VENV_ROOT/$name" stamp
-  stamp=$(cat "$@" | sha256sum | cut -c1-16)
+  # The stamp covers the requirements files and those they include with -r.
+  local included
+  included=$(for req in "$@"; do sed -n "s|^-r *||p" "$req" | sed "s|^|$(dirname "$req")/|"; done)
+  stamp=$(cat "$@" $included | sha256sum | cut -c1-16)
   if [[ -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$stamp" ]]; then
     echo "[setup] $dir is up to date"; return
   fi

@@ -152,3 +152,12 @@ def run_trainer(env: dict, log_path: Path, timeout: float = 900) -> subprocess.C
         process.wait()
         raise AssertionError(f"trainer did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text(), "")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

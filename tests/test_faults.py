@@ -1,0 +1,134 @@
+"""Faults a multi-day run meets, each caused for real where it can be (a killed server, a killed trainer, a
+corrupted checkpoint) and injected through a proxy where it cannot (a storm of 5xx answers, a stalled server)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from conftest import free_port, run_trainer, start_server, start_trainer, trainer_env, wait_for
+from fault_proxy import FaultProxy
+from test_training_server import metrics
+
+pytestmark = pytest.mark.server
+
+
+def test_warm_up_503s_are_waited_out(vllm_server, tiny_model, tmp_path):
+    def plan(path, attempt):  # a server still loading: /health and the API answer 503 for a while
+        if path == "/health" and attempt <= 3:
+            return 503
+        if path == "/v1/completions" and attempt <= 2:
+            return 503
+        return None
+
+    with FaultProxy(vllm_server.url, plan) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=1, VLLM_RETRY_MAX_WAIT=0.5)
+        result = run_trainer(env, tmp_path / "stdout.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert proxy.faults[503] == 5
+    log = (tmp_path / "test-run" / "training.log").read_text()
+    assert "waiting for vLLM server" in log and "answered HTTP 503; retry" in log
+    assert [r["step"] for r in metrics(tmp_path / "test-run")] == [1]
+
+
+def test_storm_of_5xx_ends_in_a_clear_error_naming_the_server(vllm_server, tiny_model, tmp_path):
+    statuses = [500, 502, 503, 504]
+    with FaultProxy(vllm_server.url, lambda path, n: statuses[n % 4] if path == "/v1/completions" else None) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=2, VLLM_MAX_RETRIES=3, VLLM_RETRY_MAX_WAIT=0.2)
+        started = time.monotonic()
+        result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 120, "retries must be bounded"
+    assert f"vLLM server at http://127.0.0.1:{proxy.port} is unavailable" in result.stdout
+    assert proxy.requests["/v1/completions"] == 6  # 3 attempts, a health wait, 3 attempts again
+    assert not list((tmp_path / "test-run").glob("checkpoint-*")), "no step may be recorded as done"
+
+
+def test_stalled_server_times_out_and_is_retried(vllm_server, tiny_model, tmp_path):
+    with FaultProxy(vllm_server.url, lambda path, n: 3.0 if path == "/v1/completions" and n == 1 else None) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=1, VLLM_REQUEST_TIMEOUT=1,
+                          VLLM_RETRY_MAX_WAIT=0.2)
+        result = run_trainer(env, tmp_path / "stdout.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert proxy.faults["stall"] == 1 and "timed out" in result.stdout
+
+
+def test_server_killed_and_restarted_mid_run(tiny_model, tmp_path):
+    port = free_port()
+    server = start_server(tiny_model, tmp_path / "vllm-1.log", port=port)
+    env = trainer_env(tiny_model, tmp_path, port, MAX_STEPS=5, VLLM_RETRY_MAX_WAIT=1, VLLM_MAX_RETRIES=3,
+                      VLLM_WAIT_TIMEOUT=300)
+    run_dir = tmp_path / "test-run"
+    trainer = start_trainer(env, tmp_path / "trainer.log")
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2, 300, "step 2")
+        server.stop(signal.SIGKILL)
+        time.sleep(2)
+        restarted = start_server(tiny_model, tmp_path / "vllm-2.log", port=port)
+        assert trainer.wait(600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    finally:
+        trainer.kill()
+        for s in (server, locals().get("restarted")):
+            if s:
+                s.stop()
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "a step was lost or repeated"
+    assert sum(r["server/recoveries"] for r in rows) >= 1
+    assert "Loaded new LoRA adapter" in restarted.log()  # the current version was registered again
+    for r in rows:
+        assert r["sampling/sampling_logp_difference/mean"] < 1e-4, "after the restart vLLM sampled stale weights"
+
+
+def test_adapter_rank_above_the_servers_limit_fails_at_start(vllm_server, tiny_model, tmp_path):
+    env = trainer_env(tiny_model, tmp_path, vllm_server.port, LORA_RANK=16)
+    result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
+    assert result.returncode == 1
+    assert "rejected adapter" in result.stdout and "--max-lora-rank >= LORA_RANK" in result.stdout
+    assert not (tmp_path / "test-run" / "metrics.jsonl").exists()
+
+
+def test_prompt_plus_completion_longer_than_the_server_allows_fails_at_start(vllm_server, tiny_model, tmp_path):
+    env = trainer_env(tiny_model, tmp_path, vllm_server.port, MAX_PROMPT_LENGTH=400, MAX_COMPLETION_LENGTH=200)
+    result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
+    assert result.returncode == 1 and "exceeds the server's --max-model-len 512" in result.stdout
+
+
+def test_unknown_reward_and_dataset_fail_at_start(vllm_server, tiny_model, tmp_path):
+    result = run_trainer(trainer_env(tiny_model, tmp_path, vllm_server.port, REWARD_FUNCS="accuracy,nope"),
+                         tmp_path / "a.log", timeout=300)
+    assert result.returncode == 1 and "REWARD_FUNCS: unknown reward 'nope'" in result.stdout
+    result = run_trainer(trainer_env(tiny_model, tmp_path, vllm_server.port, DATASET="no-such-org/no-such-set"),
+                         tmp_path / "b.log", timeout=300)
+    assert result.returncode == 1 and "DATASET='no-such-org/no-such-set'" in result.stdout
+
+
+def test_raising_reward_scores_zero_and_training_goes_on(vllm_server, tiny_model, tmp_path):
+    env = trainer_env(tiny_model, tmp_path, vllm_server.port, MAX_STEPS=2,
+                      REWARD_FUNCS="tests.rewards.always_raises,tests.rewards.known_word_fraction")
+    result = run_trainer(env, tmp_path / "stdout.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = metrics(tmp_path / "test-run")
+    assert [r["rewards/always_raises/failures"] for r in rows] == [1, 2]
+    assert all(r["rewards/always_raises/mean"] == 0.0 for r in rows)
+    assert "reward always_raises raised RuntimeError: broken reward" in result.stdout
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(vllm_server, tiny_model, tmp_path):
+    env = trainer_env(tiny_model, tmp_path, vllm_server.port, MAX_STEPS=2)
+    assert run_trainer(env, tmp_path / "first.log").returncode == 0
+    run_dir = tmp_path / "test-run"
+    adapter = run_dir / "checkpoint-2" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-10] ^= 0xFF  # a flipped byte in the weights: the file still parses, only the manifest catches it
+    adapter.write_bytes(bytes(data))
+
+    result = run_trainer({**env, "MAX_STEPS": "3"}, tmp_path / "second.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    log = (run_dir / "training.log").read_text()
+    assert "checkpoint-2: adapter_model.safetensors does not match its manifest" in log
+    assert f"resuming from {run_dir / 'checkpoint-1'}" in log
+    assert (run_dir / "incomplete-checkpoint-2").is_dir(), "the damaged checkpoint is kept for inspection"
+    assert [r["step"] for r in metrics(run_dir)][-2:] == [2, 3]

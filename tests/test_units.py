@@ -1,0 +1,107 @@
+"""Pieces with no server: checkpoint manifests, data normalisation, reward wrapping, adapter path confinement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from trainer.adapter_sync import AdapterPublisher
+from trainer.checkpoints import latest_intact_checkpoint, mark_complete
+from trainer.data import DatasetError, final_answer, load_prompts, to_prompts
+from trainer.rewards import RewardError, boxed_format_reward, load_rewards, resolve
+
+
+def make_checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
+    path = run_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    if complete:
+        mark_complete(path)
+    return path
+
+
+def test_newest_complete_checkpoint_is_chosen(tmp_path):
+    make_checkpoint(tmp_path, 1)
+    second = make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 10, complete=False)  # killed mid-save
+    assert latest_intact_checkpoint(tmp_path) == second
+    assert (tmp_path / "incomplete-checkpoint-10").is_dir() and not (tmp_path / "checkpoint-10").exists()
+
+
+def test_damaged_checkpoint_falls_back(tmp_path):
+    first = make_checkpoint(tmp_path, 1)
+    second = make_checkpoint(tmp_path, 2)
+    (second / "adapter_model.safetensors").write_bytes(b"y" * 100)
+    assert latest_intact_checkpoint(tmp_path) == first
+
+
+def test_no_checkpoint_means_a_new_run(tmp_path):
+    assert latest_intact_checkpoint(tmp_path) is None
+
+
+def test_rows_missing_fields_are_skipped_and_counted():
+    raw = datasets.Dataset.from_list([{"question": "What is 2 plus 2?", "answer": "#### 4"},
+                                      {"question": "", "answer": "#### 1"},
+                                      {"question": "What is 3?", "answer": None}])
+    dataset, skipped = to_prompts(raw, "Be brief.")
+    assert skipped == 2 and len(dataset) == 1
+    assert dataset[0]["prompt"] == [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "What is 2 plus 2?"}]
+    assert dataset[0]["solution"] == "4"
+
+
+def test_unusable_columns_fail_with_what_is_needed():
+    with pytest.raises(DatasetError, match="needs one of"):
+        to_prompts(datasets.Dataset.from_list([{"text": "hi"}]), "")
+
+
+def test_bundled_sample_and_local_jsonl(tmp_path):
+    assert len(load_prompts("sample", "", "train", "")) == 96
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"problem": "1+1?", "solution": "2"}\n')
+    assert load_prompts(str(path), "", "train", "")[0]["solution"] == "2"
+    with pytest.raises(DatasetError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.jsonl"), "", "train", "")
+
+
+def test_gsm8k_answers_reduce_to_the_final_number():
+    assert final_answer("She sold 48/2 = 24 clips.\n#### 1,024") == "1024"
+
+
+def test_rewards_by_name_and_dotted_path():
+    assert resolve("boxed_format") is boxed_format_reward
+    assert resolve("tests.rewards.known_word_fraction").__name__ == "known_word_fraction"
+    with pytest.raises(RewardError, match="unknown reward 'bogus'"):
+        resolve("bogus")
+    with pytest.raises(RewardError, match="cannot import 'tests.rewards.missing'"):
+        resolve("tests.rewards.missing")
+
+
+def test_accuracy_reward_is_trls_math_verify():
+    (accuracy,) = load_rewards(("accuracy",))
+    completions = [[{"role": "assistant", "content": "so \\boxed{42}"}],
+                   [{"role": "assistant", "content": "so \\boxed{41}"}]]
+    assert accuracy(completions=completions, solution=["42", "42"]) == [1.0, 0.0]
+
+
+def test_boxed_format_reward():
+    texts = ["a \\boxed{1}", "no box", "\\boxed{1} \\boxed{2}"]
+    assert boxed_format_reward([[{"role": "assistant", "content": t}] for t in texts]) == [1.0, 0.0, 0.0]
+
+
+def test_a_raising_reward_scores_zero_and_is_counted():
+    (broken,) = load_rewards(("tests.rewards.always_raises",))
+    assert broken(completions=["a", "b"]) == [0.0, 0.0]
+    assert broken.failures == 1 and broken.__name__ == "always_raises"
+
+
+def test_adapter_paths_stay_inside_the_run(tmp_path):
+    publisher = AdapterPublisher(model=None, client=None, adapters_dir=tmp_path / "adapters")
+    assert publisher.path_of("policy-v3") == (tmp_path / "adapters" / "policy-v3").resolve()
+    for name in ("../policy-v3", "policy-v3/../../etc", "other"):
+        with pytest.raises(ValueError, match="refusing"):
+            publisher.path_of(name)
