@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Write a random-weight checkpoint with the exact gpt-oss-20b layout, as published: MoE experts as MXFP4 blocks
+and scales (uint8), everything else bf16, with its `quantization_config`; plus a word-level tokenizer over the
+whole vocabulary. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer the same
+dequantizing load.
+
+    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
+
+Random weights give near-uniform outputs; `--head-std` and `--router-std` spread the logits and the router's
+expert scores so sampling and expert choice are well conditioned (numerical comparisons need that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from scripts.random_models import save_word_tokenizer  # noqa: E402
+
+GPT_OSS_20B = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                   num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+                   rope_theta=150000.0, rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True,
+                   rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "original_max_position_embeddings": 4096, "truncate": False})
+TINY = dict(GPT_OSS_20B, vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=8, max_position_embeddings=4096)
+QUANTIZATION = {"quant_method": "mxfp4", "modules_to_not_convert": [
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+MXFP4_BLOCK = 32  # values per scale; two 4-bit values per byte
+
+
+def config_dict(shape: dict) -> dict:
+    layers = shape["num_hidden_layers"]
+    return {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_act": "silu",
+            "attention_dropout": 0.0, "initial_context_length": 4096, "initializer_range": 0.02,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            "experts_per_token": shape["num_experts_per_tok"], "output_router_logits": False,
+            "router_aux_loss_coef": 0.9, "tie_word_embeddings": False, "use_cache": True,
+            "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
+            "quantization_config": QUANTIZATION, **shape}
+
+
+def mxfp4(experts: int, rows: int, cols: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 tensor [experts, rows, cols]: uniform 4-bit codes, scale 2^-7 (values up to 6/128)."""
+    blocks = torch.randint(0, 256, (experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2), dtype=torch.uint8,
+                           device=device, generator=generator)
+    scales = torch.full((experts, rows, cols // MXFP4_BLOCK), 127 - 7, dtype=torch.uint8, device=device)
+    return blocks, scales
+
+
+def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_std: float,
+          router_std: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"]
+    q_dim = shape["num_attention_heads"] * shape["head_dim"]
+    kv_dim = shape["num_key_value_heads"] * shape["head_dim"]
+
+    def normal(*size, std=init_std):
+        return (torch.randn(*size, device=device, generator=g) * std).to(torch.bfloat16)
+
+    index, shard_names = {}, []
+
+    def save(tensors: dict, name: str):
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, out / name, metadata={"format": "pt"})
+        index.update({k: name for k in tensors})
+        shard_names.append(name)
+
+    layers = shape["num_hidden_layers"]
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "self_attn.q_proj.weight": normal(q_dim, H), p + "self_attn.q_proj.bias": normal(q_dim),
+             p + "self_attn.k_proj.weight": normal(kv_dim, H), p + "self_attn.k_proj.bias": normal(kv_dim),
+             p + "self_attn.v_proj.weight": normal(kv_dim, H), p + "self_attn.v_proj.bias": normal(kv_dim),
+             p + "self_attn.o_proj.weight": normal(H, q_dim), p + "self_attn.o_proj.bias": normal(H),
+             p + "self_attn.sinks": normal(shape["num_attention_heads"], std=1.0),
+             p + "mlp.router.weight": normal(E, H, std=router_std), p + "mlp.router.bias": normal(E),
+             p + "mlp.experts.gate_up_proj_bias": normal(E, 2 * I), p + "mlp.experts.down_proj_bias": normal(E, H)}
+        t[p + "mlp.experts.gate_up_proj_blocks"], t[p + "mlp.experts.gate_up_proj_scales"] = mxfp4(E, 2 * I, H, device, g)
+        t[p + "mlp.experts.down_proj_blocks"], t[p + "mlp.experts.down_proj_scales"] = mxfp4(E, H, I, device, g)
+        save(t, f"model-{layer + 1:05d}-of-{layers + 1:05d}.safetensors")
+    save({"model.embed_tokens.weight": normal(shape["vocab_size"], H, std=1.0),
+          "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+          "lm_head.weight": normal(shape["vocab_size"], H, std=head_std)},
+         f"model-{layers + 1:05d}-of-{layers + 1:05d}.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
+    (out / "config.json").write_text(json.dumps(config_dict(shape), indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
+    save_word_tokenizer(out, shape["vocab_size"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes with the same layout (for CPU checks)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-std", type=float, default=0.02)
+    parser.add_argument("--head-std", type=float, default=0.1, help="lm_head std: logits std ~ this x sqrt(hidden)")
+    parser.add_argument("--router-std", type=float, default=0.1, help="router std: separates the top-k experts")
+    args = parser.parse_args()
+    build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, args.init_std, args.head_std,
+          args.router_std)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

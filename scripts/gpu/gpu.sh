@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU proof of the stack on one 2-GPU machine with no network, in as few runs as possible (see BENCHMARKS.md).
+#
+#   gpu.sh stash N    copy the carried bundle part .vcN/part to /tmp/parts/N (one run per part)
+#   gpu.sh setup      unpack the vLLM bundle and trainer wheels, build the gpt-oss-20b-shaped MXFP4
+#                     checkpoint, start vLLM with exactly the compose entrypoint's flags, wait for health
+#   gpu.sh train      run the trainer container's entry (same settings path, .env.example values) for a few
+#                     steps against it, sampling per-process GPU memory; results to $OUT
+#   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
+#
+# NVLink multicast stays off in every process (it can take a shared host's GPUs out of service).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+OUT=${OUT:-/tmp/out}
+CKPT=${CKPT:-/tmp/ckpt}
+PORT=${PORT:-8000}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+env_example() {  # .env.example's non-empty values, as compose passes them to both containers
+  grep -E '^[A-Z_]+=.+' "$REPO/.env.example" | sed 's/^/export /; s/=\(.*\)$/="\1"/'
+}
+
+start_vllm() {
+  (
+    eval "$(env_example)"
+    export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2
+    # sized for 2 x H100 80 GB even on H200: vLLM takes this fraction of the whole card
+    if nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{exit !($1 > 100000)}'; then
+      export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024), 3))")
+    fi
+    echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
+    setsid python3 "$REPO/docker/vllm/serve.py" > /tmp/vllm.log 2>&1 &
+  )
+}
+
+wait_health() {
+  local deadline=$((SECONDS + ${1:-400}))
+  until curl -sf "localhost:$PORT/health" > /dev/null; do
+    if ((SECONDS > deadline)); then echo "vLLM not healthy"; tail -50 /tmp/vllm.log; return 1; fi
+    sleep 3
+  done
+  echo "vLLM healthy after ${SECONDS}s"
+}
+
+case "${1:-}" in
+  stash)
+    mkdir -p /tmp/parts && cp "$REPO/.vc$2/part" "/tmp/parts/$2" && ls -la /tmp/parts ;;
+  setup)
+    start=$SECONDS
+    cat /tmp/parts/* > /tmp/b.tar.xz && mkdir -p /tmp/b && tar -C /tmp/b -xJf /tmp/b.tar.xz
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 /tmp/b/wheels/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trainer-site "$REPO"/.whl/*.whl
+    echo "unpacked in $((SECONDS - start))s"
+    python3 "$REPO/scripts/gpu/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
+    du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
+    start_vllm
+    wait_health 420
+    cp /tmp/vllm.log "$OUT/vllm-setup.log"
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
+  train)
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -lms 2000 > /tmp/gpu-memory.csv &
+    sampler=$!
+    (
+      eval "$(env_example)"
+      export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
+        DATASET=sample REPORT_TO=none PYTHONPATH="/tmp/trainer-site:$REPO" "${@:2}"
+      cd "$REPO/trainer" && timeout "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
+    ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
+    kill $sampler || true
+    run=$(ls -d /tmp/runs/*/ | head -1)
+    cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
+    cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
+    python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+  bench)
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
+  *)
+    sed -n '2,12p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Turn a GPU stack run's files (metrics.jsonl, gpu-memory.csv) into the per-step table BENCHMARKS.md quotes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def main(out: Path) -> None:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    print("| step | gen s | gen tok/s | sync s | train s | train tok/s | clipped | mean len | "
+          "logp gap mean/max | trainer peak GiB per GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peaks = "/".join(f"{v:.1f}" for k, v in r.items() if k.startswith("memory/peak_gib/"))
+        print(f"| {r['step']} | {r['time/generation_s']:.1f} | {r['tokens/generation_per_s']:.0f} | "
+              f"{r['time/sync_s']:.3f} | {r['time/train_s']:.1f} | {r['tokens/train_per_s']:.0f} | "
+              f"{r.get('completions/clipped_ratio', float('nan')):.2f} | "
+              f"{r.get('completions/mean_length', float('nan')):.0f} | "
+              f"{r.get('sampling/sampling_logp_difference/mean', float('nan')):.4f}/"
+              f"{r.get('sampling/sampling_logp_difference/max', float('nan')):.3f} | {peaks} |")
+    memory = out / "gpu-memory.csv"
+    if memory.exists():
+        peak = defaultdict(int)
+        for line in memory.read_text().splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3 and parts[2].endswith("MiB"):
+                peak[(parts[0], parts[1])] = max(peak[(parts[0], parts[1])], int(parts[2].split()[0]))
+        print("\nPeak GPU memory per process (nvidia-smi, all GPUs of the process summed per sample):")
+        for (pid, name), mib in sorted(peak.items()):
+            print(f"- pid {pid} {name}: {mib / 1024:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
