@@ -94,11 +94,20 @@ def sequential_vs_batched(checkpoint: Path, seq_len: int, long_len: int, sequenc
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(4, 8, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    model.train()  # gradient checkpointing is only active in training mode, as under the Trainer
     devices = range(max(torch.cuda.device_count(), 1))
     weights = {d: memory(torch.cuda.memory_allocated, d) for d in devices}
     first = next(model.parameters()).device
 
     def run(batch: int, length: int, micro_steps: int) -> dict:
+        try:
+            return measure(batch, length, micro_steps)
+        except torch.OutOfMemoryError as exc:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return {"error": f"out of memory: {str(exc)[:120]}"}
+
+    def measure(batch: int, length: int, micro_steps: int) -> dict:
         for d in devices if torch.cuda.is_available() else ():
             torch.cuda.reset_peak_memory_stats(d)
         synchronize()
@@ -113,12 +122,14 @@ def sequential_vs_batched(checkpoint: Path, seq_len: int, long_len: int, sequenc
         return {"seconds": time.perf_counter() - start,
                 "peak_gib": {d: memory(torch.cuda.max_memory_allocated, d) for d in devices}}
 
-    results = {"weights_gib": weights,
-               f"sequential_{sequences}x1x{seq_len}": run(1, seq_len, sequences),
-               f"batched_1x{sequences}x{seq_len}": run(sequences, seq_len, 1),
-               f"micro_step_1x{long_len}": run(1, long_len, 1)}
-    results[f"micro_step_1x{long_len}"]["peak_minus_weights_gib"] = {
-        d: results[f"micro_step_1x{long_len}"]["peak_gib"][d] - weights[d] for d in devices}
+    results = {"weights_gib": weights}
+    for name, args in ((f"sequential_{sequences}x1x{seq_len}", (1, seq_len, sequences)),
+                       (f"micro_step_1x{long_len}", (1, long_len, 1)),
+                       (f"batched_1x{sequences}x{seq_len}", (sequences, seq_len, 1))):
+        results[name] = run(*args)
+        if "peak_gib" in results[name]:
+            results[name]["peak_minus_weights_gib"] = {d: results[name]["peak_gib"][d] - weights[d] for d in devices}
+        print(name, json.dumps(results[name]), flush=True)
     return results
 
 
@@ -127,8 +138,9 @@ def main() -> None:
     quick = "--quick" in sys.argv  # toy lengths, for a check of the script on the CPU
     report = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__}
-    report["attention"] = attention_comparison(checkpoint, 64 if quick else 4096)
-    print(json.dumps(report, indent=1), flush=True)
+    if "--skip-attention" not in sys.argv:
+        report["attention"] = attention_comparison(checkpoint, 64 if quick else 4096)
+        print(json.dumps(report, indent=1), flush=True)
     report["sequential_vs_batched"] = sequential_vs_batched(checkpoint, 32 if quick else 2048, 64 if quick else 4096)
     print(json.dumps(report, indent=1), flush=True)
 

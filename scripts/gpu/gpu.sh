@@ -45,6 +45,9 @@ wait_health() {
 }
 
 case "${1:-}" in
+  restart-vllm)
+    pkill -f "[v]llm.entrypoints.openai.api_server" || true; sleep 5
+    start_vllm; wait_health 420 ;;
   stash)
     mkdir -p /tmp/parts && cp "$REPO/.vc$2/part" "/tmp/parts/$2" && ls -la /tmp/parts ;;
   setup)
@@ -66,7 +69,7 @@ case "${1:-}" in
       eval "$(env_example)"
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
         DATASET=sample REPORT_TO=none PYTHONPATH="/tmp/trainer-site:$REPO" "${@:2}"
-      cd "$REPO/trainer" && timeout "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
+      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
     run=$(ls -d /tmp/runs/*/ | head -1)
