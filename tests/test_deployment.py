@@ -206,3 +206,21 @@ def test_image_requirements_resolve_for_linux_python_3_11(requirements, tmp_path
     resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
                 for item in json.loads((tmp_path / "report.json").read_text())["install"]}
     assert resolved["torch"] == "2.11.0"
+
+
+# ------------------------------------------------------------------ build-time vLLM patch
+def test_lora_contiguity_patch(tmp_path):
+    sys.path.insert(0, str(REPO / "docker/vllm"))
+    import patch_lora_contiguous as patch
+
+    target = tmp_path / patch.TARGET
+    target.parent.mkdir(parents=True)
+    target.write_text("def _lora_shrink(inputs):\n    assert inputs.dtype\n" + patch.BEFORE + "    return inputs\n")
+    patch.patch(tmp_path)
+    patched = target.read_text()
+    assert patch.AFTER in patched and patch.BEFORE not in patched
+    patch.patch(tmp_path)  # applying twice changes nothing
+    assert target.read_text() == patched
+    target.write_text("def _lora_shrink(inputs):\n    return inputs\n")
+    with pytest.raises(SystemExit, match="re-check this patch"):
+        patch.patch(tmp_path)

@@ -132,3 +132,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(vllm_server, tin
     assert f"resuming from {run_dir / 'checkpoint-1'}" in log
     assert (run_dir / "incomplete-checkpoint-2").is_dir(), "the damaged checkpoint is kept for inspection"
     assert [r["step"] for r in metrics(run_dir)][-2:] == [2, 3]
+
+
+def test_sigterm_while_the_server_is_down_exits_promptly(vllm_server, tiny_model, tmp_path):
+    broken = {"on": False}
+    with FaultProxy(vllm_server.url, lambda path, n: 503 if broken["on"] else None) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=100, SAVE_STEPS=1, VLLM_MAX_RETRIES=2,
+                          VLLM_RETRY_MAX_WAIT=0.2, VLLM_WAIT_TIMEOUT=600)
+        run_dir = tmp_path / "test-run"
+        trainer = start_trainer(env, tmp_path / "stdout.log")
+        wait_for(lambda: (run_dir / "checkpoint-1" / "COMPLETE").exists(), 300, "checkpoint-1")
+        broken["on"] = True
+        wait_for(lambda: "waiting up to 600 s for the server to come back" in (run_dir / "training.log").read_text(),
+                 120, "the trainer to wait for the server")
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(30) == 0, "a stop must not wait out VLLM_WAIT_TIMEOUT"
+    log = (run_dir / "training.log").read_text()
+    assert "stop requested while waiting for the vLLM server" in log and "restart resumes from" in log

@@ -37,7 +37,8 @@ class StepTimings:
 
 class ServerGeneration:
     def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int], *,
-                 max_completion_length: int, temperature: float, top_p: float, wait_timeout: float):
+                 max_completion_length: int, temperature: float, top_p: float, wait_timeout: float,
+                 stop_requested: Callable[[], bool] = lambda: False):
         self.client = client
         self.publisher = publisher
         self.current_step = current_step
@@ -45,6 +46,7 @@ class ServerGeneration:
         self.temperature = temperature
         self.top_p = top_p
         self.wait_timeout = wait_timeout
+        self.stop_requested = stop_requested
         self.timings = StepTimings()
 
     # TRL reads `vllm_generation.vllm_client.get_server_info()` to check the server's logprobs mode.
@@ -95,7 +97,7 @@ class ServerGeneration:
         except ServerUnavailable as exc:
             self.timings.recoveries += 1
             log.warning("%s; waiting up to %.0f s for the server to come back (VLLM_WAIT_TIMEOUT)", exc, self.wait_timeout)
-            self.client.wait_until_healthy(self.wait_timeout)
+            self.client.wait_until_healthy(self.wait_timeout, stop_requested=self.stop_requested)
             if republish:
                 self.publisher.republish()  # a restarted server has no adapters
             return call()

@@ -8,6 +8,7 @@ reports its peak GPU memory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import trl.trainer.grpo_trainer as trl_grpo
@@ -21,7 +22,8 @@ from .vllm_client import VLLMServerClient
 
 
 class AdapterSyncGRPOTrainer(GRPOTrainer):
-    def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float, **kwargs):
+    def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
+                 stop_requested: Callable[[], bool], **kwargs):
         args = kwargs["args"]
         self.memory = MicroStepMemory(args.gradient_accumulation_steps)
 
@@ -29,7 +31,7 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
             return ServerGeneration(
                 client, AdapterPublisher(model, client, adapters_dir), lambda: self.state.global_step,
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-                wait_timeout=wait_timeout)
+                wait_timeout=wait_timeout, stop_requested=stop_requested)
 
         with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
             super().__init__(**kwargs)

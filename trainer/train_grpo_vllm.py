@@ -13,7 +13,7 @@ from transformers import ProgressCallback, TrainerCallback
 from trl import GRPOConfig
 
 from trainer.adapter_sync import AdapterPublisher
-from trainer.checkpoints import latest_intact_checkpoint
+from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
 from trainer.config import Settings, SettingsError, help_text
 from trainer.data import DatasetError, load_prompts
 from trainer.grpo import AdapterSyncGRPOTrainer
@@ -21,7 +21,7 @@ from trainer.model import lora_config, load_model, load_tokenizer
 from trainer.rewards import RewardError, load_rewards
 from trainer.run_log import RunLogger, setup_logging
 from trainer.shutdown import GracefulStop
-from trainer.vllm_client import ServerError, VLLMServerClient
+from trainer.vllm_client import ServerError, StopRequested, VLLMServerClient
 
 log = logging.getLogger("trainer")
 
@@ -96,6 +96,7 @@ def train(s: Settings, stop: GracefulStop) -> int:
     use_cpu = not torch.cuda.is_available()
     trainer = AdapterSyncGRPOTrainer(
         client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
+        stop_requested=lambda: stop.requested,
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
         args=grpo_config(s, use_cpu),
         peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
@@ -109,7 +110,13 @@ def train(s: Settings, stop: GracefulStop) -> int:
 
     checkpoint = latest_intact_checkpoint(s.run_dir)
     log.info("resuming from %s", checkpoint) if checkpoint else log.info("starting a new run in %s", s.run_dir)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except StopRequested as exc:  # the step in flight cannot finish without the server: keep the last checkpoint
+        saved = checkpoints_newest_first(s.run_dir)
+        log.warning("%s; exiting without finishing step %d (restart resumes from %s)", exc,
+                    trainer.state.global_step + 1, saved[0].name if saved else "the start")
+        return 0
     if stop.requested:
         log.info("stopped at step %d; checkpoint saved, restart to resume", trainer.state.global_step)
         return 0

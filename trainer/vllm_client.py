@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import backoff
 import requests
@@ -32,6 +33,10 @@ class TransientServerError(ServerError):
 
 class ServerUnavailable(ServerError):
     """Transient faults outlasted the retries."""
+
+
+class StopRequested(Exception):
+    """The process was asked to stop while it waited for the server."""
 
 
 @dataclass
@@ -96,8 +101,10 @@ class VLLMServerClient:
         return response.json() if response.content else {}
 
     # ------------------------------------------------------------------ health and discovery
-    def wait_until_healthy(self, timeout: float, poll_interval: float = 5.0) -> float:
-        """Block until GET /health answers 200; log progress; raise ServerError after `timeout` seconds."""
+    def wait_until_healthy(self, timeout: float, poll_interval: float = 5.0,
+                           stop_requested: Callable[[], bool] = lambda: False) -> float:
+        """Block until GET /health answers 200; log progress; raise ServerError after `timeout` seconds,
+        StopRequested as soon as `stop_requested()` is true."""
         start = time.monotonic()
         next_report = start
         last_problem = "no answer yet"
@@ -111,6 +118,8 @@ class VLLMServerClient:
                 last_problem = f"HTTP {response.status_code}"
             except requests.RequestException as exc:
                 last_problem = type(exc).__name__
+            if stop_requested():
+                raise StopRequested(f"stop requested while waiting for the vLLM server at {self.base_url}")
             now = time.monotonic()
             if now - start >= timeout:
                 raise ServerError(f"vLLM server at {self.base_url} not healthy after {timeout:.0f} s "
