@@ -21,7 +21,8 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished_run(vllm_server, tiny_model, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    result = run_trainer(trainer_env(tiny_model, runs, vllm_server.port), runs / "stdout.log")
+    env = trainer_env(tiny_model, runs, vllm_server.port, EVAL_STEPS=2, SAMPLES_STEPS=1)
+    result = run_trainer(env, runs / "stdout.log")
     assert result.returncode == 0, result.stdout[-4000:]
     return runs / "test-run", result.stdout
 
@@ -135,3 +136,25 @@ def test_sigterm_checkpoints_then_exits_zero(vllm_server, tiny_model, tmp_path):
     checkpoint = run_dir / f"checkpoint-{last_step}"
     assert (checkpoint / "COMPLETE").is_file(), sorted(p.name for p in run_dir.iterdir())
     assert "checkpoint saved, restart to resume" in (run_dir / "training.log").read_text()
+
+
+def test_evaluation_and_samples_are_logged(finished_run):
+    run_dir, stdout = finished_run
+    rows = metrics(run_dir)
+    assert [("eval/reward" in r) for r in rows] == [False, True, False]
+    assert rows[1]["eval/completions/mean_length"] > 0 and "eval/rewards/accuracy_reward/mean" in rows[1]
+    assert "eval at step 2 on 24 held-out prompts | reward" in stdout
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2, 3, 3]
+    assert {"prompt", "completion", "rewards", "advantage"} <= set(samples[0])
+
+
+def test_report_renders_plots_from_the_run(finished_run, tmp_path):
+    from trainer.report import main as report
+
+    out = tmp_path / "report.png"
+    assert report([str(finished_run[0]), "--out", str(out)]) == 0
+    header = out.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (1170, 990) and out.stat().st_size > 30_000

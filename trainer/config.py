@@ -73,6 +73,10 @@ class Settings:
     dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")
     dataset_split: str = setting("DATASET_SPLIT", "train", "Split to train on.")
     system_prompt: str = setting("SYSTEM_PROMPT", "Solve the problem. Put the final answer in \\boxed{}.", "System message put before each problem.")
+    eval_dataset: str = setting("EVAL_DATASET", "", "Held-out prompts: empty means DATASET's EVAL_SPLIT (the bundled eval set for 'sample'); or a Hub name or .jsonl path.")
+    eval_split: str = setting("EVAL_SPLIT", "test", "Split of the evaluation data set.")
+    eval_steps: int = setting("EVAL_STEPS", 50, "Evaluate on the held-out prompts every this many steps (0: never).", at_least(0))
+    eval_max_prompts: int = setting("EVAL_MAX_PROMPTS", 64, "Held-out prompts per evaluation, one completion each, sampled in one request.", at_least(1))
     reward_funcs: tuple[str, ...] = setting("REWARD_FUNCS", ("accuracy", "boxed_format"), "Comma-separated reward names (accuracy, boxed_format, think_format) or dotted paths module.func.")
     reward_weights: tuple[float, ...] = setting("REWARD_WEIGHTS", (), "Comma-separated weights, one per reward; empty means all 1.")
     # --- GRPO ---
@@ -95,6 +99,8 @@ class Settings:
     runs_dir: Path = setting("RUNS_DIR", Path("runs"), "Directory of all runs (the shared volume in the stack; the server reads adapters from it).")
     save_steps: int = setting("SAVE_STEPS", 25, "Checkpoint every this many optimizer steps (and always on SIGTERM).", at_least(1))
     save_total_limit: int = setting("SAVE_TOTAL_LIMIT", 3, "Checkpoints kept; older ones are deleted.", at_least(2))
+    samples_steps: int = setting("SAMPLES_STEPS", 10, "Write sample completions with their rewards to samples.jsonl every this many steps (0: never).", at_least(0))
+    samples_per_step: int = setting("SAMPLES_PER_STEP", 2, "Completions written each time.", at_least(1))
     logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps.", at_least(1))
     report_to: tuple[str, ...] = setting("REPORT_TO", ("tensorboard",), "Comma-separated: tensorboard, wandb, trackio, or none.", each_one_of(*REPORT_TARGETS))
 

@@ -15,6 +15,7 @@ import datasets
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_math.jsonl"
+SAMPLE_EVAL_DATASET = Path(__file__).parent / "data" / "sample_math_eval.jsonl"
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
 
@@ -30,7 +31,8 @@ def final_answer(answer: str) -> str:
 
 def load_raw(name: str, config: str, split: str) -> datasets.Dataset:
     if name == "sample":
-        return datasets.load_dataset("json", data_files=str(SAMPLE_DATASET), split="train")
+        path = SAMPLE_EVAL_DATASET if split == "test" else SAMPLE_DATASET
+        return datasets.load_dataset("json", data_files=str(path), split="train")
     if name.endswith((".jsonl", ".json")):
         if not Path(name).is_file():
             raise DatasetError(f"DATASET={name!r}: no such file (paths are seen from inside the trainer container)")
@@ -66,6 +68,12 @@ def to_prompts(raw: datasets.Dataset, system_prompt: str) -> tuple[datasets.Data
     if len(converted) == 0:
         raise DatasetError("the data set has no usable rows (every row lacks a question or an answer)")
     return converted, skipped
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt as the trainer and the server see it: the chat template applied, generation prompt added."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 def load_prompts(name: str, config: str, split: str, system_prompt: str) -> datasets.Dataset:

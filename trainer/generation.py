@@ -66,7 +66,6 @@ class ServerGeneration:
         start = time.perf_counter()
         name = self._with_recovery(lambda: self.publisher.publish(self.current_step()), republish=False)
         self.timings.sync_seconds += time.perf_counter() - start
-        self.timings.adapter = name
         log.debug("published adapter %s in %.3f s", name, self.timings.sync_seconds)
 
     def generate(self, prompts: list[list[int]], images, num_generations: int, profiler=None):
@@ -79,6 +78,7 @@ class ServerGeneration:
             self.publisher.current, unique_prompts, n=num_generations, max_tokens=self.max_completion_length,
             temperature=self.temperature, top_p=self.top_p))
         self.timings.generation_seconds += time.perf_counter() - start
+        self.timings.adapter = self.publisher.current
         self.timings.completion_tokens += sum(len(c.token_ids) for c in completions)
         self.timings.prompt_tokens += sum(len(p) for p in unique_prompts) * num_generations
         prompt_ids = [unique_prompts[c.prompt_index] for c in completions]

@@ -25,7 +25,7 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
     def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
                  stop_requested: Callable[[], bool], **kwargs):
         args = kwargs["args"]
-        self.memory = MicroStepMemory(args.gradient_accumulation_steps)
+        self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir))
 
         def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
             return ServerGeneration(

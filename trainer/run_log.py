@@ -49,8 +49,9 @@ def peak_memory_gib() -> dict[str, float]:
 class MicroStepMemory:
     """Logs `torch.cuda.max_memory_allocated()` per device after each micro-step; keeps the step's maximum."""
 
-    def __init__(self, micro_steps_per_step: int):
+    def __init__(self, micro_steps_per_step: int, run_dir: Path):
         self.micro_steps_per_step = micro_steps_per_step
+        self.path = run_dir / "memory.jsonl"
         self.micro_step = 0
         self.step_peak: dict[str, float] = {}
 
@@ -60,6 +61,9 @@ class MicroStepMemory:
         for device, gib in peaks.items():
             self.step_peak[device] = max(gib, self.step_peak.get(device, 0.0))
         index = (self.micro_step - 1) % self.micro_steps_per_step + 1
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step + 1, "micro_step": index, "sequences": sequences, "tokens": tokens,
+                                "peak_gib": peaks}) + "\n")
         log.info("micro-step %d/%d of step %d: %d seq, %d tokens, peak memory %s", index, self.micro_steps_per_step,
                  step + 1, sequences, tokens, " ".join(f"{d}={g:.2f}GiB" for d, g in peaks.items()))
 
@@ -76,11 +80,12 @@ def _fmt_seconds(seconds: float) -> str:
 class RunLogger(TrainerCallback):
     """Per step: one human line (stdout + training.log) and one JSON line in metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters=None):
+    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters, pending: dict):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.generation = generation
         self.memory = memory
-        self.extra_counters = extra_counters or (lambda: {})
+        self.extra_counters = extra_counters
+        self.pending = pending  # metrics other callbacks computed for this step (evaluation)
         self.step_started = None
         self.run_started = None
         self.first_step = None
@@ -99,17 +104,19 @@ class RunLogger(TrainerCallback):
         step_seconds = time.perf_counter() - self.step_started if self.step_started else float("nan")
         self.step_started = None
         timings = self.generation.take_timings()
-        train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds, 1e-9)
+        eval_seconds = self.pending.get("eval/seconds", 0.0)
+        train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds - eval_seconds, 1e-9)
         record = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs,
                   "adapter": timings.adapter,
                   "time/step_s": step_seconds, "time/generation_s": timings.generation_seconds,
-                  "time/sync_s": timings.sync_seconds, "time/train_s": train_seconds,
+                  "time/sync_s": timings.sync_seconds, "time/train_s": train_seconds, "time/eval_s": eval_seconds,
                   "tokens/generated": timings.completion_tokens,
                   "tokens/generation_per_s": timings.completion_tokens / max(timings.generation_seconds, 1e-9),
                   "tokens/train_per_s": (timings.completion_tokens + timings.prompt_tokens) / train_seconds,
                   "server/recoveries": timings.recoveries,
                   **{f"memory/peak_gib/{d}": g for d, g in self.memory.take_step_peak().items()},
-                  **self.extra_counters()}
+                  **self.extra_counters(), **self.pending}
+        self.pending.clear()
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
         log.info(self.format_line(record, state))
@@ -132,3 +139,27 @@ def _json_default(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+class SampleWriter(TrainerCallback):
+    """Every N steps, a few of the step's completions with their rewards and advantage, to samples.jsonl."""
+
+    def __init__(self, trainer, run_dir: Path, every: int, count: int):
+        self.trainer = trainer
+        self.path = run_dir / "samples.jsonl"
+        self.every = every
+        self.count = count
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.every or state.global_step % self.every:
+            return
+        logs = self.trainer._logs  # TRL keeps the last generation batch here for its completion tables
+        with open(self.path, "a") as f:
+            for i in range(min(self.count, len(logs["completion"]))):
+                sample = {"step": state.global_step, "prompt": logs["prompt"][i], "completion": logs["completion"][i],
+                          "rewards": {name: values[i] for name, values in logs["rewards"].items()},
+                          "advantage": logs["advantages"][i]}
+                f.write(json.dumps(sample, default=_json_default) + "\n")
+        first = logs["completion"][0] if logs["completion"] else ""
+        text = first[-1]["content"] if isinstance(first, list) else first
+        log.info("sample at step %d: %r", state.global_step, text[:300])

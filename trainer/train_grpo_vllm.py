@@ -15,11 +15,12 @@ from trl import GRPOConfig
 from trainer.adapter_sync import AdapterPublisher
 from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
 from trainer.config import Settings, SettingsError, help_text
-from trainer.data import DatasetError, load_prompts
+from trainer.data import DatasetError, load_prompts, prompt_token_ids
 from trainer.grpo import AdapterSyncGRPOTrainer
 from trainer.model import lora_config, load_model, load_tokenizer
 from trainer.rewards import RewardError, load_rewards
-from trainer.run_log import RunLogger, setup_logging
+from trainer.evaluation import Evaluator
+from trainer.run_log import RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
 from trainer.vllm_client import ServerError, StopRequested, VLLMServerClient
 
@@ -104,8 +105,13 @@ def train(s: Settings, stop: GracefulStop) -> int:
     check_adapter_registration(generation.publisher)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
+    pending_metrics: dict = {}
+    if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
+        trainer.add_callback(Evaluator(trainer, eval_dataset, reward_funcs, s.reward_weights, s.eval_steps,
+                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics))
+    trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
     trainer.add_callback(RunLogger(s.run_dir, generation, trainer.memory, lambda: {
-        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}))
+        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
     trainer.add_callback(stop)
 
     checkpoint = latest_intact_checkpoint(s.run_dir)
@@ -127,11 +133,18 @@ def train(s: Settings, stop: GracefulStop) -> int:
     return 0
 
 
+def load_eval_prompts(s: Settings):
+    name = s.eval_dataset or s.dataset
+    if name.endswith((".jsonl", ".json")) and not s.eval_dataset:
+        log.info("evaluation off: DATASET is a file; set EVAL_DATASET to a held-out .jsonl to evaluate")
+        return None
+    dataset = load_prompts(name, s.dataset_config, s.eval_split, s.system_prompt)
+    return dataset.select(range(min(s.eval_max_prompts, len(dataset))))
+
+
 def drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
     def fits(row) -> bool:
-        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return len(ids) <= max_prompt_length
+        return len(prompt_token_ids(tokenizer, row["prompt"])) <= max_prompt_length
 
     kept = dataset.filter(fits)
     if len(kept) < len(dataset):

@@ -1,0 +1,61 @@
+"""Evaluation on held-out prompts through the same server, with the current adapter, every EVAL_STEPS steps.
+
+One completion per prompt, all prompts in one request: the cost is one generation batch, not a training step.
+Results are logged as `eval/...` in the step's metrics line and in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from transformers import TrainerCallback
+
+from .data import prompt_token_ids
+
+log = logging.getLogger("trainer")
+
+
+class Evaluator(TrainerCallback):
+    def __init__(self, trainer, dataset, reward_funcs, reward_weights, every: int, max_completion_length: int,
+                 temperature: float, top_p: float, pending: dict):
+        self.trainer = trainer
+        self.dataset = dataset
+        self.reward_funcs = reward_funcs
+        self.reward_weights = list(reward_weights) or [1.0] * len(reward_funcs)
+        self.every = every
+        self.sampling = dict(max_tokens=max_completion_length, temperature=temperature, top_p=top_p)
+        self.pending = pending  # merged into the step's metrics record by RunLogger
+        self.prompt_ids = [prompt_token_ids(trainer.processing_class, row["prompt"]) for row in dataset]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.pending.update(self.evaluate(state.global_step))
+
+    def evaluate(self, step: int) -> dict:
+        start = time.perf_counter()
+        generation = self.trainer.vllm_generation
+        generation.sync_weights()  # the weights after this step's update, as the next step will sample them
+        self.trainer._last_loaded_step = step  # TRL's marker: this version is already on the server
+        completions = generation.client.complete(generation.publisher.current, self.prompt_ids, n=1,
+                                                 **self.sampling)
+        texts = self.trainer.processing_class.batch_decode([c.token_ids for c in completions],
+                                                           skip_special_tokens=True)
+        messages = [[{"role": "assistant", "content": text}] for text in texts]
+        columns = {k: self.dataset[k] for k in self.dataset.column_names if k != "prompt"}
+        metrics, total = {}, [0.0] * len(texts)
+        for func, weight in zip(self.reward_funcs, self.reward_weights):
+            scores = func(completions=messages, prompts=self.dataset["prompt"], **columns)
+            scores = [0.0 if s is None else s for s in scores]
+            metrics[f"eval/rewards/{func.__name__}/mean"] = sum(scores) / len(scores)
+            total = [t + weight * s for t, s in zip(total, scores)]
+        mean = sum(total) / len(total)
+        metrics["eval/reward"] = mean
+        metrics["eval/reward_std"] = (sum((t - mean) ** 2 for t in total) / len(total)) ** 0.5
+        metrics["eval/completions/clipped_ratio"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
+        metrics["eval/completions/mean_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
+        metrics["eval/seconds"] = time.perf_counter() - start
+        log.info("eval at step %d on %d held-out prompts | reward %.3f ± %.3f | clipped %.2f | len %.0f", step,
+                 len(texts), mean, metrics["eval/reward_std"], metrics["eval/completions/clipped_ratio"],
+                 metrics["eval/completions/mean_length"])
+        return metrics
