@@ -224,3 +224,9 @@ def test_lora_contiguity_patch(tmp_path):
     target.write_text("def _lora_shrink(inputs):\n    return inputs\n")
     with pytest.raises(SystemExit, match="re-check this patch"):
         patch.patch(tmp_path)
+
+
+def test_readme_documents_every_setting():
+    readme = (REPO / "README.md").read_text()
+    for name in [f.metadata["env"] for f in dataclasses.fields(Settings)] + list(serve.OWN_SETTINGS):
+        assert f"`{name}`" in readme or name in SET_BY_COMPOSE, name

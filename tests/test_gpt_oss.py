@@ -1,0 +1,62 @@
+"""The trainer's model path on GPT-OSS's own architecture (MoE, attention sinks, alternating sliding window),
+loaded from an MXFP4 checkpoint in the published layout, at toy size on the CPU.
+
+vLLM's CPU build cannot run LoRA on a MoE model, so this step samples with transformers inside TRL; everything on
+the training side (load with dequantization, LoRA targets, TRL's loss, the saved adapter's format) is the stack's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trl import GRPOConfig, GRPOTrainer
+
+from conftest import REPO
+from trainer.data import load_prompts
+from trainer.model import load_model, load_tokenizer, lora_config
+from trainer.rewards import load_rewards
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-mxfp4"
+    subprocess.run([sys.executable, str(REPO / "scripts/gpu/build_gpt_oss_checkpoint.py"), str(path), "--tiny"],
+                   check=True, capture_output=True)
+    return path
+
+
+def test_mxfp4_checkpoint_loads_dequantized_with_nothing_missing(mxfp4_checkpoint):
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        mxfp4_checkpoint, quantization_config=Mxfp4Config(dequantize=True), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.bfloat16 and experts.gate_up_proj.abs().max() > 0
+
+
+def test_one_grpo_step_with_lora_on_gpt_oss(mxfp4_checkpoint, tmp_path):
+    model = load_model(str(mxfp4_checkpoint), "float32", "eager", 30, gradient_checkpointing=True)
+    assert type(model).__name__ == "GptOssForCausalLM"
+    tokenizer = load_tokenizer(str(mxfp4_checkpoint))
+    dataset = load_prompts("sample", "", "train", "Solve it.").select(range(4))
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                      num_generations=4, max_completion_length=8, max_steps=1, learning_rate=0.05,
+                      use_cpu=True, report_to=[], save_strategy="no", gradient_checkpointing=True,
+                      logging_steps=1)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
+                          reward_funcs=load_rewards(("tests.rewards.known_word_fraction", "boxed_format")),
+                          peft_config=lora_config(4, 8, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    trainer.train()
+    history = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(history["loss"])) and history["grad_norm"] > 0
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"base_model.model.model.layers.1.self_attn.{module}.lora_B.weight" in weights
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k), "the step did not move the adapter"
