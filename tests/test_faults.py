@@ -3,8 +3,8 @@ corrupted checkpoint) and injected through a proxy where it cannot (a storm of 5
 
 from __future__ import annotations
 
-import json
 import signal
+import subprocess
 import time
 
 import pytest
@@ -149,3 +149,35 @@ def test_sigterm_while_the_server_is_down_exits_promptly(vllm_server, tiny_model
         assert trainer.wait(30) == 0, "a stop must not wait out VLLM_WAIT_TIMEOUT"
     log = (run_dir / "training.log").read_text()
     assert "stop requested while waiting for the vLLM server" in log and "restart resumes from" in log
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A real filesystem that can fill up: a 64 MiB tmpfs (needs root, as CI has)."""
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_runs_volume_fails_clearly_and_keeps_the_last_checkpoint(vllm_server, tiny_model, small_volume, tmp_path):
+    from trainer.checkpoints import problem_with
+
+    env = trainer_env(tiny_model, small_volume, vllm_server.port, MAX_STEPS=200, SAVE_STEPS=1)
+    run_dir = small_volume / "test-run"
+    trainer = start_trainer(env, tmp_path / "stdout.log")
+    wait_for(lambda: (run_dir / "checkpoint-2" / "COMPLETE").exists(), 300, "checkpoint-2")
+    with open(small_volume / "filler", "wb", buffering=0) as f:  # take every free byte
+        for block in (1 << 20, 1 << 10, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError:
+                pass
+    assert trainer.wait(120) == 1
+    stdout = (tmp_path / "stdout.log").read_text()
+    assert "the runs volume is full" in stdout and "No space left on device" in stdout
+    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
+    assert complete and all(problem_with(p) is None for p in complete)

@@ -66,10 +66,8 @@ class AdapterPublisher:
             self.model.save_pretrained(partial)
             fsync_tree(partial)
             os.replace(partial, path)
-        except OSError as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise OSError(f"cannot write adapter {path} ({exc.strerror or exc}); is the runs volume full? "
-                          "Free space there and restart: training resumes from the last checkpoint") from exc
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # a failed save leaves no half-written version
         self.client.load_lora_adapter(name, str(path))
         # Generation is synchronous, so once the new version is registered no request can use the old one:
         # unload it now (frees a --max-loras slot), delete its files a publish later (a reader may still be on them).
@@ -108,6 +106,7 @@ class AdapterPublisher:
             log.warning("could not unload adapter %s: %s", name, exc)
 
     def remove_leftovers(self) -> None:
-        """Delete adapter versions a previous process of this run left behind (kept: checkpoints hold their own)."""
+        """Delete adapter versions a previous process of this run left behind: the server holds the weights of any
+        it still lists in memory, and checkpoints keep their own copy."""
         for path in self.adapters_dir.glob(f"{ADAPTER_PREFIX}*"):
             shutil.rmtree(path, ignore_errors=True)

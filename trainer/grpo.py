@@ -28,8 +28,10 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
         self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir))
 
         def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
+            publisher = AdapterPublisher(model, client, adapters_dir)
+            publisher.remove_leftovers()
             return ServerGeneration(
-                client, AdapterPublisher(model, client, adapters_dir), lambda: self.state.global_step,
+                client, publisher, lambda: self.state.global_step,
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
                 wait_timeout=wait_timeout, stop_requested=stop_requested)
 

@@ -6,20 +6,23 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 
-from transformers import ProgressCallback, TrainerCallback
+import torch
+from transformers import ProgressCallback
 from trl import GRPOConfig
 
 from trainer.adapter_sync import AdapterPublisher
 from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
 from trainer.config import Settings, SettingsError, help_text
 from trainer.data import DatasetError, load_prompts, prompt_token_ids
-from trainer.grpo import AdapterSyncGRPOTrainer
-from trainer.model import lora_config, load_model, load_tokenizer
-from trainer.rewards import RewardError, load_rewards
 from trainer.evaluation import Evaluator
+from trainer.grpo import AdapterSyncGRPOTrainer
+from trainer.model import load_model, load_tokenizer, lora_config
+from trainer.rewards import RewardError, load_rewards
 from trainer.run_log import RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
 from trainer.vllm_client import ServerError, StopRequested, VLLMServerClient
@@ -64,14 +67,27 @@ def main(argv: list[str]) -> int:
     log.info("resolved settings:\n%s", settings.describe())
     try:
         return train(settings, stop)
-    except (SettingsError, DatasetError, RewardError, ServerError, OSError) as exc:
+    except (SettingsError, DatasetError, RewardError, ServerError) as exc:
         log.error("%s", exc)
+        return 1
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        log.error("the runs volume is full (%s): %s. Free space there and restart; training resumes from the "
+                  "newest complete checkpoint, which a failed save never replaces", settings.runs_dir, exc)
         return 1
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """True if `exc` or anything that caused it is 'No space left on device' (torch and safetensors rewrap it)."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def train(s: Settings, stop: GracefulStop) -> int:
-    import os
-    import torch
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(s.run_dir / "tb"))
     reward_funcs = load_rewards(s.reward_funcs)  # unknown names fail before anything slow
     client = VLLMServerClient(s.server_url, s.vllm_api_key, s.vllm_request_timeout, s.vllm_max_retries,
@@ -79,40 +95,21 @@ def train(s: Settings, stop: GracefulStop) -> int:
     log.info("Generation config: use_vllm=True, vllm_mode=server, server=%s, weight_sync=lora_adapter, "
              "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s",
              s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p)
-    client.wait_until_healthy(s.vllm_wait_timeout)
-    served = client.served_model()
-    max_model_len = served.get("max_model_len")
-    if max_model_len and s.max_prompt_length + s.max_completion_length > max_model_len:
-        raise SettingsError(f"MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH = {s.max_prompt_length + s.max_completion_length} "
-                            f"exceeds the server's --max-model-len {max_model_len}: lower them or raise VLLM_MAX_MODEL_LEN")
-    if served["id"] != s.model_name:
-        log.warning("the server serves %r but MODEL_NAME is %r: adapters are trained on MODEL_NAME", served["id"], s.model_name)
+    check_server(s, client)
 
     tokenizer = load_tokenizer(s.model_name)
     dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
     dataset = drop_long_prompts(dataset, tokenizer, s.max_prompt_length)
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
                        s.gradient_checkpointing)
-
-    use_cpu = not torch.cuda.is_available()
     trainer = AdapterSyncGRPOTrainer(
         client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
         stop_requested=lambda: stop.requested,
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
-        args=grpo_config(s, use_cpu),
+        args=grpo_config(s, use_cpu=not torch.cuda.is_available()),
         peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
-    generation = trainer.vllm_generation
-    check_adapter_registration(generation.publisher)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
-    pending_metrics: dict = {}
-    if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
-        trainer.add_callback(Evaluator(trainer, eval_dataset, reward_funcs, s.reward_weights, s.eval_steps,
-                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics))
-    trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
-    trainer.add_callback(RunLogger(s.run_dir, generation, trainer.memory, lambda: {
-        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
-    trainer.add_callback(stop)
+    check_adapter_registration(trainer.vllm_generation.publisher)
+    add_callbacks(trainer, s, reward_funcs, stop)
 
     checkpoint = latest_intact_checkpoint(s.run_dir)
     log.info("resuming from %s", checkpoint) if checkpoint else log.info("starting a new run in %s", s.run_dir)
@@ -131,6 +128,31 @@ def train(s: Settings, stop: GracefulStop) -> int:
     log.info("finished %d steps; final adapter (PEFT, loadable by transformers and vLLM) in %s",
              trainer.state.global_step, final)
     return 0
+
+
+def check_server(s: Settings, client: VLLMServerClient) -> None:
+    """Wait for the server, then check it can serve what the settings ask for."""
+    client.wait_until_healthy(s.vllm_wait_timeout)
+    served = client.served_model()
+    max_model_len = served.get("max_model_len")
+    if max_model_len and s.max_prompt_length + s.max_completion_length > max_model_len:
+        raise SettingsError(f"MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH = {s.max_prompt_length + s.max_completion_length} "
+                            f"exceeds the server's --max-model-len {max_model_len}: lower them or raise VLLM_MAX_MODEL_LEN")
+    if served["id"] != s.model_name:
+        log.warning("the server serves %r but MODEL_NAME is %r: adapters are trained on MODEL_NAME", served["id"], s.model_name)
+
+
+def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, stop: GracefulStop) -> None:
+    pending_metrics: dict = {}  # filled by the evaluator at step end, written with the step's metrics
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
+        trainer.add_callback(Evaluator(trainer, eval_dataset, reward_funcs, s.reward_weights, s.eval_steps,
+                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics))
+    trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
+    trainer.add_callback(RunLogger(s.run_dir, trainer.vllm_generation, trainer.memory, lambda: {
+        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
+    trainer.add_callback(stop)
 
 
 def load_eval_prompts(s: Settings):

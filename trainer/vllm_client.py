@@ -62,6 +62,7 @@ class VLLMServerClient:
     def _request(self, method: str, path: str, retry_status: tuple[int, ...] = RETRYABLE_STATUS,
                  **kwargs) -> requests.Response:
         url = f"{self.base_url}{path}"
+        timeout = kwargs.pop("timeout", self.request_timeout)
 
         def give_up_message(details):
             log.error("vLLM server at %s: giving up on %s %s after %d attempts (%.0f s): %s",
@@ -73,7 +74,7 @@ class VLLMServerClient:
                                                                self.base_url, d["exception"], d["tries"], d["wait"]))
         def attempt() -> requests.Response:
             try:
-                response = self.session.request(method, url, timeout=kwargs.pop("timeout", self.request_timeout), **kwargs)
+                response = self.session.request(method, url, timeout=timeout, **kwargs)
             except requests.ConnectionError as exc:
                 raise TransientServerError(f"cannot connect to {url} ({type(exc).__name__})") from exc
             except requests.Timeout as exc:

@@ -72,7 +72,7 @@ def attention_comparison(checkpoint: Path, seq_len: int) -> dict:
             rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
             logp_gap = (logits.log_softmax(-1) - ref_logits.log_softmax(-1)).abs().mean().item()
 
-            def step():
+            def step(model=model):
                 model.zero_grad(set_to_none=True)
                 model(ids).logits.float().logsumexp(-1).mean().backward()
 
