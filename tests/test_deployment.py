@@ -58,6 +58,8 @@ def test_compose_with_env_example(tmp_path):
         assert service["ipc"] == "host" and service["init"] is True
     assert trainer["environment"]["VLLM_SERVER_HOST"] == "vllm"
     assert trainer["environment"]["MODEL_NAME"] == vllm["environment"]["MODEL_NAME"] == "openai/gpt-oss-20b"
+    # .env values reach the containers as the trainer's own defaults, backslashes and all
+    assert trainer["environment"]["SYSTEM_PROMPT"] == Settings().system_prompt
     assert trainer["stop_grace_period"] in ("5m0s", "300s")
 
 

@@ -55,6 +55,7 @@ case "${1:-}" in
     cat /tmp/parts/* > /tmp/b.tar.xz && mkdir -p /tmp/b && tar -C /tmp/b -xJf /tmp/b.tar.xz
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 /tmp/b/wheels/*.whl
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trainer-site "$REPO"/.whl/*.whl
+    python3 "$REPO/docker/vllm/patch_lora_contiguous.py" /tmp/b/site  # as the vLLM image does
     echo "unpacked in $((SECONDS - start))s"
     python3 "$REPO/scripts/gpu/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
