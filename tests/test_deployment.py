@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "docker/vllm"))
 import serve  # noqa: E402
 
 BIN = Path(sys.executable).parent
-SET_BY_COMPOSE = {"RUNS_DIR", "VLLM_SERVER_HOST", "VLLM_HOST"}
+SET_BY_COMPOSE = {"RUNS_DIR", "VLLM_SERVER_HOST", "VLLM_HOST"}  # fixed by docker-compose.yml, not .env
 
 
 def env_example() -> dict[str, str]:
