@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 
 from .vllm_client import ServerError, VLLMServerClient
@@ -44,7 +43,6 @@ class AdapterPublisher:
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.current: str | None = None
         self._previous: str | None = None
-        self.last_publish_seconds = 0.0
 
     def path_of(self, name: str) -> Path:
         path = (self.adapters_dir / name).resolve()
@@ -55,7 +53,6 @@ class AdapterPublisher:
 
     def publish(self, step: int) -> str:
         """Save the adapter as version `step`, register it, retire the older versions; return its name."""
-        start = time.perf_counter()
         name = f"{ADAPTER_PREFIX}{step}"
         path = self.path_of(name)
         if path.exists():  # a leftover of a run killed mid-publish: rewrite it whole
@@ -69,6 +66,8 @@ class AdapterPublisher:
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # a failed save leaves no half-written version
         self.client.load_lora_adapter(name, str(path))
+        if name == self.current:  # the same version written again: nothing older to retire
+            return name
         # Generation is synchronous, so once the new version is registered no request can use the old one:
         # unload it now (frees a --max-loras slot), delete its files a publish later (a reader may still be on them).
         if self._previous:
@@ -76,7 +75,6 @@ class AdapterPublisher:
         if self.current:
             self._unload(self.current)
         self._previous, self.current = self.current, name
-        self.last_publish_seconds = time.perf_counter() - start
         return name
 
     def check_server_accepts(self) -> None:

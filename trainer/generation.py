@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from .adapter_sync import AdapterPublisher
@@ -32,7 +33,6 @@ class StepTimings:
     prompt_tokens: int = 0
     adapter: str = ""
     recoveries: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ServerGeneration:
@@ -74,9 +74,10 @@ class ServerGeneration:
         # TRL repeats each prompt num_generations times; the server samples the group with n= in one request.
         unique_prompts = prompts[::num_generations]
         start = time.perf_counter()
-        completions = self._with_recovery(lambda: self.client.complete(
-            self.publisher.current, unique_prompts, n=num_generations, max_tokens=self.max_completion_length,
-            temperature=self.temperature, top_p=self.top_p))
+        with profiler or nullcontext():  # TRL's timing metric of the generation call
+            completions = self._with_recovery(lambda: self.client.complete(
+                self.publisher.current, unique_prompts, n=num_generations, max_tokens=self.max_completion_length,
+                temperature=self.temperature, top_p=self.top_p))
         self.timings.generation_seconds += time.perf_counter() - start
         self.timings.adapter = self.publisher.current
         self.timings.completion_tokens += sum(len(c.token_ids) for c in completions)
