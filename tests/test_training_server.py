@@ -40,7 +40,8 @@ def test_training_log_shows_generation_config_and_metrics(finished_run):
                     "time/generation_s", "time/sync_s", "time/train_s", "tokens/generation_per_s"):
             assert key in r, key
     assert any(r["reward_std"] > 0 for r in rows), "rewards have no spread: GRPO would learn nothing"
-    assert "step 3/3 |" in stdout  # the same lines reach `docker compose logs trainer`
+    # the same lines reach `docker compose logs trainer`, each on a line of its own beside the progress bar
+    assert any(line.startswith("20") and "INFO trainer: step 3/3 |" in line for line in stdout.splitlines())
 
 
 def test_each_micro_step_reports_peak_memory(finished_run):

@@ -13,11 +13,22 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 log = logging.getLogger("trainer")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class BarAwareHandler(logging.Handler):
+    """Writes log lines to stdout on lines of their own: tqdm clears its progress bar first, then redraws it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # a failed log line must never stop training
+            self.handleError(record)
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -28,10 +39,10 @@ def setup_logging(run_dir: Path) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     formatter = logging.Formatter(LOG_FORMAT)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "training.log")):
+    for handler in (BarAwareHandler(), logging.FileHandler(run_dir / "training.log")):
         handler.setFormatter(formatter)
         root.addHandler(handler)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "backoff"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
