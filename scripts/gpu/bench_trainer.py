@@ -60,7 +60,7 @@ def attention_comparison(checkpoint: Path, seq_len: int) -> dict:
     ids = torch.randint(0, 4096, (1, seq_len), device=DEVICE)
     with torch.no_grad():
         ref_logits = reference(ids).logits.float()
-    results = {}
+    results, eager_logits = {}, None
     for impl in ("eager", "sdpa", "flex_attention", "kernels-community/vllm-flash-attn3"):
         try:
             model = GptOssForCausalLM(GptOssConfig(**shape))
@@ -78,6 +78,10 @@ def attention_comparison(checkpoint: Path, seq_len: int) -> dict:
 
             results[impl] = {"rel_error_vs_float64": rel, "mean_abs_logprob_gap": logp_gap,
                              "fwd_bwd_s": timed(step)}
+            if eager_logits is None:
+                eager_logits = logits
+            else:  # how far this kernel is from eager at the same (bf16) precision
+                results[impl]["rel_error_vs_eager_bf16"] = ((logits - eager_logits).norm() / eager_logits.norm()).item()
             del model
         except Exception as exc:  # a backend that cannot run here is reported, not fatal
             results[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}

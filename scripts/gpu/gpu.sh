@@ -68,8 +68,9 @@ case "${1:-}" in
     sampler=$!
     (
       eval "$(env_example)"
+      # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
-        DATASET=sample REPORT_TO=none PYTHONPATH="/tmp/trainer-site:$REPO" "${@:2}"
+        DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="/tmp/trainer-site:$REPO" "${@:2}"
       cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
