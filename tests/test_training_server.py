@@ -106,8 +106,21 @@ def test_checkpoints_and_final_adapter(finished_run):
     assert list((run_dir / "tb").glob("**/events.out.tfevents.*")), "no TensorBoard events"
 
 
+def step_prompts(run_dir: Path) -> dict[int, list]:
+    """The prompts each step trained on (samples.jsonl with SAMPLES_PER_STEP = sequences per step)."""
+    prompts: dict[int, list] = {}
+    for line in (run_dir / "samples.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        prompts.setdefault(sample["step"], []).append(sample["prompt"][-1]["content"])
+    return prompts
+
+
 def test_killed_run_resumes_without_losing_or_repeating_a_step(vllm_server, tiny_model, tmp_path):
-    env = trainer_env(tiny_model, tmp_path, vllm_server.port, MAX_STEPS=5, SAVE_STEPS=1)
+    settings = dict(MAX_STEPS=5, SAVE_STEPS=1, SAMPLES_STEPS=1, SAMPLES_PER_STEP=8)
+    reference = run_trainer(trainer_env(tiny_model, tmp_path / "reference", vllm_server.port, **settings),
+                            tmp_path / "reference.log")
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    env = trainer_env(tiny_model, tmp_path, vllm_server.port, **settings)
     run_dir = tmp_path / "test-run"
     first = start_trainer(env, tmp_path / "first.log")
     wait_for(lambda: (run_dir / "checkpoint-2" / "COMPLETE").exists(), 300, "checkpoint-2")
@@ -124,6 +137,10 @@ def test_killed_run_resumes_without_losing_or_repeating_a_step(vllm_server, tiny
     state = json.loads((run_dir / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["global_step"] == 5
     assert "Generation config" in log.split("resuming from")[0]  # the first process's log is kept
+    # the data position survives too: each step after the resume trains on the prompts it would have without the kill
+    expected, got = step_prompts(tmp_path / "reference" / "test-run"), step_prompts(run_dir)
+    for step in range(resumed_from + 1, 6):
+        assert got[step][-8:] == expected[step], f"step {step} saw other prompts after the resume"
 
 
 def test_sigterm_checkpoints_then_exits_zero(vllm_server, tiny_model, tmp_path):
