@@ -143,6 +143,7 @@ class RunLogger(TrainerCallback):
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
                 f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
                 f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "
+                f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e} | "
                 f"peak {memory} GiB | {r['adapter']}")
 
 
