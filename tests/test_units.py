@@ -105,3 +105,20 @@ def test_adapter_paths_stay_inside_the_run(tmp_path):
     for name in ("../policy-v3", "policy-v3/../../etc", "other"):
         with pytest.raises(ValueError, match="refusing"):
             publisher.path_of(name)
+
+
+def test_reasoning_effort_reaches_the_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from trainer.config import Settings
+    from trainer.data import prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    # the tiny vocabulary has no 'low': the template writes a word it has for each effort
+    tokenizer.chat_template = ("{% if reasoning_effort == 'low' %}minus{% else %}plus{% endif %} "
+                               "{{ messages[0]['content'] }}")
+    messages = [{"role": "user", "content": "what is 2"}]
+    low = Settings.from_env({"REASONING_EFFORT": "low"}).chat_template_kwargs
+    assert tokenizer.decode(prompt_token_ids(tokenizer, messages, low)) == "minus what is 2"
+    assert tokenizer.decode(prompt_token_ids(tokenizer, messages, Settings.from_env({}).chat_template_kwargs)) == \
+        "plus what is 2"

@@ -72,6 +72,7 @@ class Settings:
     dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, or 'sample' for the bundled offline set.")
     dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")
     dataset_split: str = setting("DATASET_SPLIT", "train", "Split to train on.")
+    reasoning_effort: str = setting("REASONING_EFFORT", "", "GPT-OSS chat template's reasoning effort (low, medium, high); empty keeps the template's default. Lower effort, shorter completions.", one_of("", "low", "medium", "high"))
     system_prompt: str = setting("SYSTEM_PROMPT", "Solve the problem. Put the final answer in \\boxed{}.", "System message put before each problem.")
     eval_dataset: str = setting("EVAL_DATASET", "", "Held-out prompts: empty means DATASET's EVAL_SPLIT (the bundled eval set for 'sample'); or a Hub name or .jsonl path.")
     eval_split: str = setting("EVAL_SPLIT", "test", "Split of the evaluation data set.")
@@ -120,6 +121,10 @@ class Settings:
     @property
     def prompts_per_step(self) -> int:
         return self.sequences_per_step // self.num_generations
+
+    @property
+    def chat_template_kwargs(self) -> dict:
+        return {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
 
     # ---------------------------------------------------------------- parsing
     @classmethod

@@ -70,9 +70,10 @@ def to_prompts(raw: datasets.Dataset, system_prompt: str) -> tuple[datasets.Data
     return converted, skipped
 
 
-def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_token_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict) -> list[int]:
     """The prompt as the trainer and the server see it: the chat template applied, generation prompt added."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            **chat_template_kwargs)
     return list(encoded["input_ids"])
 
 

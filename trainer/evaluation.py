@@ -18,7 +18,7 @@ log = logging.getLogger("trainer")
 
 class Evaluator(TrainerCallback):
     def __init__(self, trainer, dataset, reward_funcs, reward_weights, every: int, max_completion_length: int,
-                 temperature: float, top_p: float, pending: dict):
+                 temperature: float, top_p: float, pending: dict, chat_template_kwargs: dict):
         self.trainer = trainer
         self.dataset = dataset
         self.reward_funcs = reward_funcs
@@ -26,7 +26,8 @@ class Evaluator(TrainerCallback):
         self.every = every
         self.sampling = dict(max_tokens=max_completion_length, temperature=temperature, top_p=top_p)
         self.pending = pending  # merged into the step's metrics record by RunLogger
-        self.prompt_ids = [prompt_token_ids(trainer.processing_class, row["prompt"]) for row in dataset]
+        self.prompt_ids = [prompt_token_ids(trainer.processing_class, row["prompt"], chat_template_kwargs)
+                           for row in dataset]
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and state.global_step % self.every == 0:

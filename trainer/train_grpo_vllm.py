@@ -49,7 +49,7 @@ def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
         gradient_checkpointing=s.gradient_checkpointing, bf16=s.torch_dtype == "bfloat16" and not use_cpu,
         use_cpu=use_cpu, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         logging_steps=s.logging_steps, report_to=[] if "none" in s.report_to else list(s.report_to),
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=0, remove_unused_columns=False, chat_template_kwargs=s.chat_template_kwargs,
     )
 
 
@@ -99,7 +99,7 @@ def train(s: Settings, stop: GracefulStop) -> int:
 
     tokenizer = load_tokenizer(s.model_name)
     dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
-    dataset = drop_long_prompts(dataset, tokenizer, s.max_prompt_length)
+    dataset = drop_long_prompts(dataset, tokenizer, s.max_prompt_length, s.chat_template_kwargs)
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
                        s.gradient_checkpointing)
     trainer = AdapterSyncGRPOTrainer(
@@ -148,7 +148,8 @@ def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, st
     trainer.add_callback(QuietProgress())
     if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
         trainer.add_callback(Evaluator(trainer, eval_dataset, reward_funcs, s.reward_weights, s.eval_steps,
-                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics))
+                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics,
+                                       s.chat_template_kwargs))
     trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
     trainer.add_callback(RunLogger(s.run_dir, trainer.vllm_generation, trainer.memory, lambda: {
         f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
@@ -164,9 +165,9 @@ def load_eval_prompts(s: Settings):
     return dataset.select(range(min(s.eval_max_prompts, len(dataset))))
 
 
-def drop_long_prompts(dataset, tokenizer, max_prompt_length: int):
+def drop_long_prompts(dataset, tokenizer, max_prompt_length: int, chat_template_kwargs: dict):
     def fits(row) -> bool:
-        return len(prompt_token_ids(tokenizer, row["prompt"])) <= max_prompt_length
+        return len(prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs)) <= max_prompt_length
 
     kept = dataset.filter(fits)
     if len(kept) < len(dataset):
