@@ -181,3 +181,39 @@ def test_full_runs_volume_fails_clearly_and_keeps_the_last_checkpoint(vllm_serve
     assert "the runs volume is full" in stdout and "No space left on device" in stdout
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
     assert complete and all(problem_with(p) is None for p in complete)
+
+
+def test_one_lora_slot_on_the_server_is_enough(tiny_model, tmp_path):
+    """`--max-loras 1`: a new version is registered before the old one is unloaded, and vLLM evicts the older from
+    its adapter cache, so the smallest setting works: there is no 'too few --max-loras' to detect."""
+    server = start_server(tiny_model, tmp_path / "vllm.log", VLLM_MAX_LORAS=1)
+    try:
+        env = trainer_env(tiny_model, tmp_path, server.port, MAX_STEPS=3)
+        result = run_trainer(env, tmp_path / "stdout.log")
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = metrics(tmp_path / "test-run")
+    assert [r["adapter"] for r in rows] == ["policy-v0", "policy-v1", "policy-v2"]
+    assert all(r["sampling/sampling_logp_difference/mean"] < 1e-4 for r in rows)
+
+
+def test_server_without_runtime_lora_fails_at_start_naming_the_fix(tiny_model, tmp_path):
+    from conftest import SERVER_PYTHON, Server, server_env, wait_healthy
+
+    port = free_port()  # vLLM started by hand, not by the entrypoint (which always turns runtime LoRA on)
+    env = {k: v for k, v in server_env(tiny_model, port).items() if k != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
+    command = [str(SERVER_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+               "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512"]
+    with open(tmp_path / "vllm.log", "wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(process, port, tiny_model, tmp_path / "vllm.log", env)
+    try:
+        wait_healthy(server)
+        result = run_trainer(trainer_env(tiny_model, tmp_path, port), tmp_path / "stdout.log", timeout=300)
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert "--enable-lora" in result.stdout and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in result.stdout
+    assert not (tmp_path / "test-run" / "metrics.jsonl").exists()
