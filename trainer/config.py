@@ -84,7 +84,7 @@ class Settings:
     num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
     micro_batch_size: int = setting("MICRO_BATCH_SIZE", 1, "Sequences per forward/backward micro-step; 1 is sequential backprop.", at_least(1))
     gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step; sequences per step = micro batch x this.", at_least(1))
-    max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Prompt tokens kept (longer prompts are cut from the left).", at_least(1))
+    max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Most prompt tokens (chat template applied); longer prompts are skipped, not cut, and counted in the log.", at_least(1))
     max_completion_length: int = setting("MAX_COMPLETION_LENGTH", 3584, "Most tokens sampled per completion; one that hits it counts as clipped.", at_least(1))
     temperature: float = setting("TEMPERATURE", 1.0, "Sampling temperature.", between(0.01, 10.0))
     top_p: float = setting("TOP_P", 1.0, "Nucleus sampling threshold.", between(0.01, 1.0))
