@@ -1,6 +1,6 @@
-"""Random-weight checkpoints with real architectures, for tests and benchmarks where no weights can be downloaded.
-
-A word-level tokenizer covers the whole vocabulary (so every sampled ID decodes) and carries a ChatML template.
+"""Random-weight checkpoints for tests and benchmarks where no weights can be downloaded: a tiny dense model, and
+the word-level tokenizer (used by scripts/gpu/build_gpt_oss_checkpoint.py too) that covers the whole vocabulary,
+so every sampled ID decodes, and carries a ChatML template.
 """
 
 from __future__ import annotations
@@ -54,24 +54,4 @@ def save_tiny_dense(path: Path, vocab_size: int = 256, seed: int = 0, init_std: 
     model.save_pretrained(path)
     save_word_tokenizer(path, vocab_size)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
-    return path
-
-
-def tiny_gpt_oss_config(vocab_size: int = 256):
-    """GPT-OSS layout (MoE, attention sinks, alternating sliding window, YaRN rope) at toy size."""
-    from transformers import GptOssConfig
-
-    return GptOssConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                        num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                        max_position_embeddings=1024, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
-
-
-def save_tiny_gpt_oss(path: Path, vocab_size: int = 256, seed: int = 0) -> Path:
-    import torch
-    from transformers import GptOssForCausalLM
-
-    torch.manual_seed(seed)
-    GptOssForCausalLM(tiny_gpt_oss_config(vocab_size)).to(torch.float32).save_pretrained(path)
-    save_word_tokenizer(path, vocab_size)
     return path

@@ -18,7 +18,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from scripts.random_models import save_tiny_dense, save_tiny_gpt_oss  # noqa: E402
+from scripts.random_models import save_tiny_dense  # noqa: E402
 
 SERVER_PYTHON = Path(os.environ.get("VLLM_SERVER_PYTHON", REPO / ".venv/server/bin/python"))
 API_KEY = "test-key-1234"
@@ -34,11 +34,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_dense(tmp_path_factory.mktemp("models") / "tiny-dense")
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt_oss(tmp_path_factory) -> Path:
-    return save_tiny_gpt_oss(tmp_path_factory.mktemp("models") / "tiny-gpt-oss")
 
 
 @dataclass
