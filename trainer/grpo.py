@@ -35,6 +35,8 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
                 wait_timeout=wait_timeout, stop_requested=stop_requested)
 
+        # GRPOTrainer.__init__ builds its vLLM backend from this module-level name (and would open an NCCL group
+        # to the server); swapping the name for the length of __init__ is the one seam TRL offers.
         with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
             super().__init__(**kwargs)
 
