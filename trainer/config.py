@@ -102,7 +102,7 @@ class Settings:
     save_total_limit: int = setting("SAVE_TOTAL_LIMIT", 3, "Checkpoints kept; older ones are deleted.", at_least(2))
     samples_steps: int = setting("SAMPLES_STEPS", 10, "Write sample completions with their rewards to samples.jsonl every this many steps (0: never).", at_least(0))
     samples_per_step: int = setting("SAMPLES_PER_STEP", 2, "Completions written each time.", at_least(1))
-    logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps.", at_least(1))
+    logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps (times and tokens then cover all of them).", at_least(1))
     report_to: tuple[str, ...] = setting("REPORT_TO", ("tensorboard",), "Comma-separated: tensorboard, wandb, trackio, or none.", each_one_of(*REPORT_TARGETS))
 
     # ---------------------------------------------------------------- derived values

@@ -62,7 +62,6 @@ class VLLMServerClient:
     def _request(self, method: str, path: str, retry_status: tuple[int, ...] = RETRYABLE_STATUS,
                  **kwargs) -> requests.Response:
         url = f"{self.base_url}{path}"
-        timeout = kwargs.pop("timeout", self.request_timeout)
 
         def give_up_message(details):
             log.error("vLLM server at %s: giving up on %s %s after %d attempts (%.0f s): %s",
@@ -74,7 +73,7 @@ class VLLMServerClient:
                                                                self.base_url, d["exception"], d["tries"], d["wait"]))
         def attempt() -> requests.Response:
             try:
-                response = self.session.request(method, url, timeout=timeout, **kwargs)
+                response = self.session.request(method, url, timeout=self.request_timeout, **kwargs)
             except requests.ConnectionError as exc:
                 raise TransientServerError(f"cannot connect to {url} ({type(exc).__name__})") from exc
             except requests.Timeout as exc:
@@ -144,12 +143,15 @@ class VLLMServerClient:
     # ------------------------------------------------------------------ LoRA adapters
     def load_lora_adapter(self, name: str, path: str) -> None:
         # vLLM answers 500 when the engine rejects an adapter (rank, modules): not a fault to retry.
-        body = {"lora_name": name, "lora_path": path}
-        response = self._request("POST", "/v1/load_lora_adapter", retry_status=(502, 503, 504), json=body)
+        def load() -> requests.Response:
+            return self._request("POST", "/v1/load_lora_adapter", retry_status=(502, 503, 504),
+                                 json={"lora_name": name, "lora_path": path})
+
+        response = load()
         if response.status_code == 400 and "already been loaded" in response.text:
             # A previous trainer process registered this version; its files were rewritten since.
             self.unload_lora_adapter(name)
-            response = self._request("POST", "/v1/load_lora_adapter", retry_status=(502, 503, 504), json=body)
+            response = load()
         if response.status_code == 404:
             raise ServerError(f"vLLM server at {self.base_url} has no /v1/load_lora_adapter: start it with "
                               "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
@@ -165,12 +167,10 @@ class VLLMServerClient:
 
     # ------------------------------------------------------------------ generation
     def complete(self, model: str, prompts: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None = None) -> list[Completion]:
+                 top_p: float) -> list[Completion]:
         """Sample `n` completions per prompt (prompts as token IDs), in prompt order, with per-token logprobs."""
         body = {"model": model, "prompt": prompts, "n": n, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
-        if seed is not None:
-            body["seed"] = seed
         choices = self._json("POST", "/v1/completions", json=body)["choices"]
         choices.sort(key=lambda c: c["index"])
         if len(choices) != len(prompts) * n:
