@@ -4,9 +4,16 @@
 #   gpu.sh stash N    copy the carried bundle part .vcN/part to /tmp/parts/N (one run per part)
 #   gpu.sh setup      unpack the vLLM bundle and trainer wheels, build the gpt-oss-20b-shaped MXFP4
 #                     checkpoint, start vLLM with exactly the compose entrypoint's flags, wait for health
-#   gpu.sh train      run the trainer container's entry (same settings path, .env.example values) for a few
-#                     steps against it, sampling per-process GPU memory; results to $OUT
+#   gpu.sh train [NAME=VALUE ...]
+#                     run the trainer container's entry (same settings path, .env.example values, overrides
+#                     after them) for a few steps against it, sampling per-process GPU memory; results to $OUT.
+#                     With KILL_VLLM_AFTER_ADAPTER=N, vLLM is killed 10 s after the Nth adapter this run registers
+#                     and started again beside the trainer (what compose's restart policy does)
+#   gpu.sh restart-vllm [NAME=VALUE ...]
+#                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
+#   gpu.sh bench-generation LABEL [ARGS]
+#                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
 # NVLink multicast stays off in every process (it can take a shared host's GPUs out of service).
 set -euo pipefail
@@ -22,17 +29,26 @@ env_example() {  # .env.example's non-empty values, as compose passes them to bo
   grep -E '^[A-Z_]+=.+' "$REPO/.env.example" | sed 's/^/export /; s/=\(.*\)$/="\1"/'
 }
 
-start_vllm() {
+start_vllm() {  # [NAME=VALUE ...] overrides of .env.example
   (
     eval "$(env_example)"
-    export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2
+    export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2 "$@"
     # sized for 2 x H100 80 GB even on H200: vLLM takes this fraction of the whole card
     if nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{exit !($1 > 100000)}'; then
       export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024), 3))")
     fi
     echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
-    setsid python3 "$REPO/docker/vllm/serve.py" > /tmp/vllm.log 2>&1 &
+    echo "free MiB per GPU at start: $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | paste -sd/)"
+    setsid python3 "$REPO/docker/vllm/serve.py" >> /tmp/vllm.log 2>&1 &
+    echo $! > /tmp/vllm.pid  # serve.py execs the server: this is its pid and, by setsid, its process group
   )
+}
+
+kill_vllm() {  # the whole process group (API server and TP workers), as a crash would; then wait for the GPUs
+  local group; group=$(cat /tmp/vllm.pid)
+  kill -9 -- "-$group" 2>/dev/null || true
+  while pgrep -g "$group" > /dev/null; do sleep 1; done
+  sleep 3
 }
 
 wait_health() {
@@ -46,8 +62,8 @@ wait_health() {
 
 case "${1:-}" in
   restart-vllm)
-    pkill -f "[v]llm.entrypoints.openai.api_server" || true; sleep 5
-    start_vllm; wait_health 420 ;;
+    kill_vllm; SECONDS=0
+    start_vllm "${@:2}"; wait_health 420 ;;
   stash)
     mkdir -p /tmp/parts && cp "$REPO/.vc$2/part" "/tmp/parts/$2" && ls -la /tmp/parts ;;
   setup)
@@ -64,8 +80,22 @@ case "${1:-}" in
     cp /tmp/vllm.log "$OUT/vllm-setup.log"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
   train)
-    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader -lms 2000 > /tmp/gpu-memory.csv &
+    nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv,noheader -lms 2000 \
+      > /tmp/gpu-memory.csv &
     sampler=$!
+    if [[ -n "${KILL_VLLM_AFTER_ADAPTER:-}" ]]; then
+      (
+        seen=$(grep -c "Loaded new LoRA adapter" /tmp/vllm.log || true)
+        until (($(grep -c "Loaded new LoRA adapter" /tmp/vllm.log || true) >= seen + KILL_VLLM_AFTER_ADAPTER)); do
+          sleep 1
+        done
+        sleep 10
+        nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv
+        echo "killing vLLM (SIGKILL to its process group) at $(date +%T)"
+        kill_vllm; SECONDS=0
+        start_vllm; wait_health 420
+      ) > "$OUT/vllm-restart.log" 2>&1 &
+    fi
     (
       eval "$(env_example)"
       # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
@@ -78,8 +108,12 @@ case "${1:-}" in
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
     python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+  bench-generation)
+    adapter=$(ls -d /tmp/runs/*/checkpoint-* | sort -t- -k2 -n | tail -1)
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_generation.py" "$adapter" \
+      --url "http://127.0.0.1:$PORT" --label "$2" "${@:3}" 2>&1 | tee -a "$OUT/bench-generation.jsonl" ;;
   bench)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *)
-    sed -n '2,12p' "$0"; exit 2 ;;
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -28,12 +28,12 @@ def main(out: Path) -> None:
         peak = defaultdict(int)
         for line in memory.read_text().splitlines():
             parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 3 and parts[2].endswith("MiB"):
-                peak[(parts[0], parts[1])] = max(peak[(parts[0], parts[1])], int(parts[2].split()[0]))
-        print("\nPeak GPU memory per process (nvidia-smi, all GPUs of the process summed per sample):")
-        for (pid, name), mib in sorted(peak.items()):
-            print(f"- pid {pid} {name}: {mib / 1024:.1f} GiB")
-
+            if len(parts) == 4 and parts[3].endswith("MiB"):
+                key = (parts[1], parts[2], parts[0])
+                peak[key] = max(peak[key], int(parts[3].split()[0]))
+        print("\nPeak GPU memory per process and GPU (nvidia-smi, sampled every 2 s):")
+        for (pid, name, gpu), mib in sorted(peak.items()):
+            print(f"- pid {pid} {name} on {gpu}: {mib / 1024:.1f} GiB")
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
