@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 from unittest import mock
 
+import torch
 import trl.trainer.grpo_trainer as trl_grpo
 from trl import GRPOTrainer
 
@@ -43,6 +44,13 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         self._micro_batch = super()._prepare_inputs(generation_batch)
         return self._micro_batch
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        # With the layers split over both GPUs the head's outputs land on the last one, while TRL keeps masks,
+        # advantages and vLLM's sampling logprobs on the first: bring them together there.
+        device = self.accelerator.device
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t
+                     for t in super()._get_per_token_logps_and_entropies(*args, **kwargs))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward of one micro-batch
