@@ -46,6 +46,9 @@ def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
         max_steps=s.max_steps, reward_weights=list(s.reward_weights) or None,
         use_vllm=True, vllm_mode="server", vllm_server_host=s.vllm_server_host, vllm_server_port=s.vllm_server_port,
         vllm_importance_sampling_correction=True,
+        # TRL would add gpt-oss's MoE load-balancing loss (coefficient 0.9 from its config): with the router frozen
+        # and LoRA on attention only, it would only bend the adapters toward reshaping expert routing.
+        router_aux_loss_coef=0.0,
         gradient_checkpointing=s.gradient_checkpointing, bf16=s.torch_dtype == "bfloat16" and not use_cpu,
         use_cpu=use_cpu, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         logging_steps=s.logging_steps, report_to=[] if "none" in s.report_to else list(s.report_to),
