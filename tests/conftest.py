@@ -77,12 +77,15 @@ def server_env(model: Path, port: int, **overrides) -> dict:
     return env
 
 
-def start_server(model: Path, log_path: Path, port: int | None = None, wait: bool = True, **overrides) -> Server:
+def start_server(model: Path, log_path: Path, port: int | None = None, wait: bool = True,
+                 server_args: list[str] | None = None, **overrides) -> Server:
+    """The vllm container's entrypoint; or, with `server_args`, vLLM's own server with exactly those flags."""
     port = port or free_port()
     env = server_env(model, port, **overrides)
+    command = [str(SERVER_PYTHON), str(REPO / "docker/vllm/serve.py")] if server_args is None else [
+        str(SERVER_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--port", str(port), *server_args]
     log_file = open(log_path, "ab")
-    process = subprocess.Popen([str(SERVER_PYTHON), str(REPO / "docker/vllm/serve.py")], env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(process, port, model, log_path, env)
     if wait:
         wait_healthy(server)
@@ -147,6 +150,16 @@ def run_trainer(env: dict, log_path: Path, timeout: float = 900) -> subprocess.C
         process.wait()
         raise AssertionError(f"trainer did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text(), "")
+
+
+def completion_logprobs(model, prompt: list[int], completion: list[int]):
+    """The model's logprob of each completion token after the prompt (what vLLM reports for a sampled token)."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

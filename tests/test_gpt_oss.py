@@ -1,8 +1,9 @@
 """The trainer's model path on GPT-OSS's own architecture (MoE, attention sinks, alternating sliding window),
 loaded from an MXFP4 checkpoint in the published layout, at toy size on the CPU.
 
-vLLM's CPU build cannot run LoRA on a MoE model, so this step samples with transformers inside TRL; everything on
-the training side (load with dequantization, LoRA targets, TRL's loss, the saved adapter's format) is the stack's.
+vLLM's CPU build cannot run LoRA on a MoE model, so the GRPO step samples with transformers inside TRL; everything
+on the training side (load with dequantization, LoRA targets, TRL's loss, the saved adapter's format) is the
+stack's. A real vLLM server serves the same model without LoRA to check that both sides compute the same function.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import json
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from trl import GRPOConfig, GRPOTrainer
 
-from conftest import REPO
+from conftest import REPO, completion_logprobs, start_server
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
@@ -60,3 +64,48 @@ def test_one_grpo_step_with_lora_on_gpt_oss(mxfp4_checkpoint, tmp_path):
     for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert f"base_model.model.model.layers.1.self_attn.{module}.lora_B.weight" in weights
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k), "the step did not move the adapter"
+
+
+def test_vllm_and_the_trainer_compute_the_same_gpt_oss(mxfp4_checkpoint, tmp_path):
+    """vLLM's sampling logprobs equal the trainer's model's (float32) on tokens well past the sliding window:
+    sinks, sliding window, YaRN, top-k routing and the dequantized experts mean the same on both sides."""
+    from trainer.vllm_client import VLLMServerClient
+
+    model = load_model(str(mxfp4_checkpoint), "float32", "eager", 30, gradient_checkpointing=False).eval()
+    # vLLM's CPU build has no MXFP4 kernels: it serves the experts the trainer dequantized, as plain weights.
+    dense = tmp_path / "dense"
+    shutil.copytree(mxfp4_checkpoint, dense, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    config = json.loads((dense / "config.json").read_text())
+    del config["quantization_config"]
+    (dense / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dense / "model.safetensors")
+
+    window = config["sliding_window"]
+    server = start_server(dense, tmp_path / "vllm.log", server_args=[
+        "--model", str(dense), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256",
+        "--logprobs-mode", "processed_logprobs"], VLLM_API_KEY="")
+    try:
+        prompts = [[5 + (7 * i + 3 * j) % 500 for j in range(2 * window)] for i in range(3)]
+        completions = VLLMServerClient(server.url).complete(str(dense), prompts, n=2, max_tokens=12 * window,
+                                                            temperature=1.0, top_p=1.0)
+    finally:
+        server.stop()
+    assert sum(len(c.token_ids) for c in completions) > 20 * window
+
+    def mean_gap(m):
+        gaps = [(completion_logprobs(m, prompts[c.prompt_index], c.token_ids) - torch.tensor(c.logprobs)).abs()
+                for c in completions]
+        return torch.cat(gaps).mean().item(), torch.cat(gaps).max().item()
+
+    mean, worst = mean_gap(model)
+    assert mean < 1e-3 and worst < 1e-2, (mean, worst)
+    # What a real mismatch looks like: the same model without attention sinks, or attending in full everywhere.
+    sinks = [layer.self_attn.sinks.data.clone() for layer in model.model.layers]
+    for layer in model.model.layers:
+        layer.self_attn.sinks.data.zero_()
+    assert mean_gap(model)[0] > 5 * mean
+    for layer, sink in zip(model.model.layers, sinks):
+        layer.self_attn.sinks.data.copy_(sink)
+        layer.self_attn.sliding_window = None
+    model.config.layer_types = ["full_attention"] * len(model.model.layers)
+    assert mean_gap(model)[0] > 50 * mean

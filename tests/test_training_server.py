@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import API_KEY, run_trainer, start_trainer, trainer_env, wait_for
+from conftest import API_KEY, completion_logprobs, run_trainer, start_trainer, trainer_env, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -85,12 +85,8 @@ def test_vllm_samples_with_the_trained_adapter(finished_run, vllm_server, tiny_m
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
     gaps_tuned, gaps_base = [], []
     for c in completions:
-        ids = torch.tensor([prompt + c.token_ids])
         for model, gaps in ((tuned, gaps_tuned), (base, gaps_base)):
-            with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1:-1]
-            logp = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            gaps += (logp - torch.tensor(c.logprobs)).abs().tolist()
+            gaps += (completion_logprobs(model, prompt, c.token_ids) - torch.tensor(c.logprobs)).abs().tolist()
     assert max(gaps_tuned) < 1e-3, max(gaps_tuned)
     assert sum(gaps_base) / len(gaps_base) > 100 * sum(gaps_tuned) / len(gaps_tuned)
 

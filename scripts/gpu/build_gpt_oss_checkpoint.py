@@ -30,7 +30,7 @@ GPT_OSS_20B = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, 
                    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                  "original_max_position_embeddings": 4096, "truncate": False})
 TINY = dict(GPT_OSS_20B, vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=8, max_position_embeddings=4096)
 QUANTIZATION = {"quant_method": "mxfp4", "modules_to_not_convert": [
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
@@ -48,16 +48,16 @@ def config_dict(shape: dict) -> dict:
             "quantization_config": QUANTIZATION, **shape}
 
 
-def mxfp4(experts: int, rows: int, cols: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random MXFP4 tensor [experts, rows, cols]: uniform 4-bit codes, scale 2^-7 (values up to 6/128)."""
+def mxfp4(experts: int, rows: int, cols: int, device, generator, scale_exp: int = -7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 tensor [experts, rows, cols]: uniform 4-bit codes (|value| <= 6) times 2^scale_exp."""
     blocks = torch.randint(0, 256, (experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2), dtype=torch.uint8,
                            device=device, generator=generator)
-    scales = torch.full((experts, rows, cols // MXFP4_BLOCK), 127 - 7, dtype=torch.uint8, device=device)
+    scales = torch.full((experts, rows, cols // MXFP4_BLOCK), 127 + scale_exp, dtype=torch.uint8, device=device)
     return blocks, scales
 
 
 def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_std: float,
-          router_std: float) -> None:
+          router_std: float, expert_scale_exp: int = -7) -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
     H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"]
@@ -86,8 +86,8 @@ def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_
              p + "self_attn.sinks": normal(shape["num_attention_heads"], std=1.0),
              p + "mlp.router.weight": normal(E, H, std=router_std), p + "mlp.router.bias": normal(E),
              p + "mlp.experts.gate_up_proj_bias": normal(E, 2 * I), p + "mlp.experts.down_proj_bias": normal(E, H)}
-        t[p + "mlp.experts.gate_up_proj_blocks"], t[p + "mlp.experts.gate_up_proj_scales"] = mxfp4(E, 2 * I, H, device, g)
-        t[p + "mlp.experts.down_proj_blocks"], t[p + "mlp.experts.down_proj_scales"] = mxfp4(E, H, I, device, g)
+        t[p + "mlp.experts.gate_up_proj_blocks"], t[p + "mlp.experts.gate_up_proj_scales"] = mxfp4(E, 2 * I, H, device, g, expert_scale_exp)
+        t[p + "mlp.experts.down_proj_blocks"], t[p + "mlp.experts.down_proj_scales"] = mxfp4(E, H, I, device, g, expert_scale_exp)
         save(t, f"model-{layer + 1:05d}-of-{layers + 1:05d}.safetensors")
     save({"model.embed_tokens.weight": normal(shape["vocab_size"], H, std=1.0),
           "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
