@@ -12,6 +12,7 @@
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
+#   gpu.sh agreement  where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py)
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
@@ -108,6 +109,9 @@ case "${1:-}" in
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
     python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+  agreement)
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" \
+      --url "http://127.0.0.1:$PORT" "${@:2}" 2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
   bench-generation)
     adapter=$(ls -d /tmp/runs/*/checkpoint-* | sort -t- -k2 -n | tail -1)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_generation.py" "$adapter" \

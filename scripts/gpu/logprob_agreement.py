@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Where do vLLM's and the trainer's logprobs part on the GPU? (BENCHMARKS.md: 18.5 nats mean on the random
+gpt-oss-20b MXFP4 checkpoint, while both sides agree to 1e-4 in float32 on the CPU.)
+
+1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts
+   `eager` (the per-expert loop) vs `grouped_mm` (the default on CUDA) vs `batched_mm`: max |logprob difference|.
+2. The stack: completions sampled from the running vLLM server (base model, no adapter), scored by the checkpoint
+   loaded exactly as the trainer loads it, with each experts implementation: mean and max |logprob difference|.
+   Rerun after `gpu.sh restart-vllm VLLM_EXTRA_ARGS="--moe-backend triton"` (or another backend) to test
+   vLLM's MXFP4 MoE kernel.
+
+    python scripts/gpu/logprob_agreement.py CHECKPOINT_DIR [--url http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from trainer.model import load_model  # noqa: E402
+from trainer.vllm_client import VLLMServerClient  # noqa: E402
+
+EXPERTS = ("grouped_mm", "eager", "batched_mm")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
+
+
+def token_logprobs(model, sequences: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    out = []
+    for prompt, completion in sequences:
+        ids = torch.tensor([prompt + completion], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None].to(logits.device))[:, 0].cpu())
+    return out
+
+
+def experts_kernels(checkpoint: Path) -> dict:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    shape = json.loads((checkpoint / "config.json").read_text())
+    shape.pop("quantization_config", None)
+    shape.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], vocab_size=4096)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(**shape, _attn_implementation="eager")).to(DEVICE, torch.float32).eval()
+    ids = torch.randint(0, 4096, (1, 1024), device=DEVICE)
+    logps = {}
+    for experts in EXPERTS:
+        model.set_experts_implementation(experts)
+        with torch.no_grad():
+            logps[experts] = torch.log_softmax(model(ids).logits.float(), -1)
+    return {f"{e}_vs_eager_max_abs_logprob_gap": (logps[e] - logps["eager"]).abs().max().item() for e in EXPERTS}
+
+
+def stack(checkpoint: Path, url: str, prompts: int, tokens: int) -> dict:
+    client = VLLMServerClient(url, request_timeout=1800)
+    base = client.served_model()["id"]
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = [torch.randint(3, vocab, (64,), generator=generator).tolist() for _ in range(prompts)]
+    completions = client.complete(base, prompt_ids, n=1, max_tokens=tokens, temperature=1.0, top_p=1.0)
+    sequences = [(prompt_ids[c.prompt_index], c.token_ids) for c in completions]
+    model = load_model(str(checkpoint), "bfloat16", "eager", 30, gradient_checkpointing=False).eval()
+    results = {}
+    for experts in EXPERTS:
+        model.set_experts_implementation(experts)
+        gaps = [(logps - torch.tensor(c.logprobs)).abs() for logps, c in zip(token_logprobs(model, sequences), completions)]
+        gap = torch.cat(gaps)
+        results[experts] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
+                            "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item()}
+        print(experts, json.dumps(results[experts]), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args()
+    print("experts kernels (float32):", json.dumps(experts_kernels(args.checkpoint)), flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print("stack:", json.dumps(stack(args.checkpoint, args.url, args.prompts, args.tokens)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
