@@ -122,3 +122,20 @@ def test_reasoning_effort_reaches_the_chat_template(tiny_model):
     assert tokenizer.decode(prompt_token_ids(tokenizer, messages, low)) == "minus what is 2"
     assert tokenizer.decode(prompt_token_ids(tokenizer, messages, Settings.from_env({}).chat_template_kwargs)) == \
         "plus what is 2"
+
+
+@pytest.mark.parametrize("gap, warned", [(0.05, False), (18.5, True)])
+def test_a_large_vllm_trainer_logprob_gap_is_warned_about(tmp_path, caplog, gap, warned):
+    from types import SimpleNamespace
+
+    from trainer.generation import StepTimings
+    from trainer.run_log import MicroStepMemory, RunLogger
+
+    logger = RunLogger(tmp_path, SimpleNamespace(take_timings=StepTimings), MicroStepMemory(1, tmp_path),
+                       extra_counters=dict, pending={})
+    state = SimpleNamespace(global_step=1, max_steps=2)
+    logger.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    logger.on_step_begin(None, state, None)
+    logger.on_log(None, state, None, logs={"reward": 0.5, "sampling/sampling_logp_difference/mean": gap})
+    assert ("logprobs of the sampled tokens differ by" in caplog.text) == warned
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["sampling/sampling_logp_difference/mean"] == gap

@@ -88,6 +88,11 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# bf16 alone moves a model's logprobs by about 0.1 nats per token; a gap above this means vLLM and the trainer
+# compute different functions, and TRL's importance-sampling correction then weights the tokens near 0.
+LOGP_GAP_WARNING_NATS = 1.0
+
+
 class RunLogger(TrainerCallback):
     """Per step: one human line (stdout + training.log) and one JSON line in metrics.jsonl."""
 
@@ -131,6 +136,12 @@ class RunLogger(TrainerCallback):
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
         log.info(self.format_line(record, state))
+        gap = record.get("sampling/sampling_logp_difference/mean", 0.0)
+        if gap > LOGP_GAP_WARNING_NATS:
+            log.warning("vLLM's and the trainer's logprobs of the sampled tokens differ by %.2f nats on average "
+                        "(expected below %.1f): the importance-sampling correction gives them almost no weight, so "
+                        "this step learned little. Check that both services load the same MODEL_NAME; see README, "
+                        "Troubleshooting", gap, LOGP_GAP_WARNING_NATS)
 
     def format_line(self, r: dict, state) -> str:
         done = state.global_step - self.first_step
