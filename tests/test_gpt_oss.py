@@ -12,14 +12,14 @@ import subprocess
 import sys
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from trl import GRPOConfig, GRPOTrainer
 
 from conftest import REPO, completion_logprobs, start_server
+from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
@@ -73,13 +73,8 @@ def test_vllm_and_the_trainer_compute_the_same_gpt_oss(mxfp4_checkpoint, tmp_pat
 
     model = load_model(str(mxfp4_checkpoint), "float32", "eager", 30, gradient_checkpointing=False).eval()
     # vLLM's CPU build has no MXFP4 kernels: it serves the experts the trainer dequantized, as plain weights.
-    dense = tmp_path / "dense"
-    shutil.copytree(mxfp4_checkpoint, dense, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    dense = write_dense_copy(mxfp4_checkpoint, tmp_path / "dense", torch.float32)
     config = json.loads((dense / "config.json").read_text())
-    del config["quantization_config"]
-    (dense / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dense / "model.safetensors")
-
     window = config["sliding_window"]
     server = start_server(dense, tmp_path / "vllm.log", server_args=[
         "--model", str(dense), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256",

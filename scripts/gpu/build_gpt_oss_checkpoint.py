@@ -4,7 +4,11 @@ and scales (uint8), everything else bf16, with its `quantization_config`; plus a
 whole vocabulary. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer the same
 dequantizing load.
 
-    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
+    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda] [--dense-copy DENSE_DIR]
+
+`--dense-copy` also writes the same model with its experts dequantized to plain bf16 weights (no
+`quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
+comparison.
 
 Random weights give near-uniform outputs; `--head-std` and `--router-std` spread the logits and the router's
 expert scores so sampling and expert choice are well conditioned (numerical comparisons need that).
@@ -99,6 +103,24 @@ def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_
     save_word_tokenizer(out, shape["vocab_size"])
 
 
+def write_dense_copy(checkpoint: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The checkpoint with its MXFP4 experts dequantized by transformers (the trainer's load), saved unquantized."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=dtype)
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": str(dtype).removeprefix("torch.")}, indent=1))
+    # save_pretrained would write the dequantized experts under broken names (transformers 5.17): save the tensors
+    save_file({k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -108,10 +130,13 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.02)
     parser.add_argument("--head-std", type=float, default=0.1, help="lm_head std: logits std ~ this x sqrt(hidden)")
     parser.add_argument("--router-std", type=float, default=0.1, help="router std: separates the top-k experts")
+    parser.add_argument("--dense-copy", type=Path, help="also write the model with bf16 experts here")
     args = parser.parse_args()
     build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, args.init_std, args.head_std,
           args.router_std)
     print(f"wrote {args.out}")
+    if args.dense_copy:
+        print(f"wrote {write_dense_copy(args.out, args.dense_copy)}")
 
 
 if __name__ == "__main__":

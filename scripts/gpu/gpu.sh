@@ -13,6 +13,8 @@
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
 #   gpu.sh agreement  where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py)
+#   gpu.sh dense-copy write $CKPT-dense: the same model with bf16 experts (then `restart-vllm MODEL_NAME=$CKPT-dense`
+#                     and `agreement` again take vLLM's MXFP4 MoE kernel out of the comparison)
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
@@ -109,6 +111,10 @@ case "${1:-}" in
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
     python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+  dense-copy)
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 -c "from pathlib import Path
+from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
+print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
   agreement)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" \
       --url "http://127.0.0.1:$PORT" "${@:2}" 2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
