@@ -5,7 +5,9 @@ gpt-oss-20b MXFP4 checkpoint, while both sides agree to 1e-4 in float32 on the C
 1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts
    `eager` (the per-expert loop) vs `grouped_mm` (the default on CUDA) vs `batched_mm`: max |logprob difference|.
 2. The stack: completions sampled from the running vLLM server (base model, no adapter), scored by the checkpoint
-   loaded exactly as the trainer loads it, with each experts implementation: mean and max |logprob difference|.
+   loaded exactly as the trainer loads it, with each experts implementation, and once more through TRL's fused
+   LM head (its Triton log-probability kernel: the path the training metric takes on a GPU): mean and max
+   |logprob difference|.
    Rerun after `gpu.sh restart-vllm VLLM_EXTRA_ARGS="--moe-backend triton"` (or another backend) to test
    vLLM's MXFP4 MoE kernel.
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from trl.trainer.utils import add_fused_lm_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -30,12 +33,17 @@ EXPERTS = ("grouped_mm", "eager", "batched_mm")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
 
 
-def token_logprobs(model, sequences: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_head: bool = False) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     out = []
     for prompt, completion in sequences:
         ids = torch.tensor([prompt + completion], device=device)
         with torch.no_grad():
+            if fused_head:  # as TRL scores: labels -100 on the prompt, log-probabilities of the next tokens
+                labels = ids.clone()
+                labels[:, :len(prompt)] = -100
+                out.append(model(ids, labels=labels, fused_lm_head=True).log_probs[0, len(prompt) - 1:].float().cpu())
+                continue
             logits = model(ids).logits[0, len(prompt) - 1:-1].float()
         out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None].to(logits.device))[:, 0].cpu())
     return out
@@ -68,13 +76,16 @@ def stack(checkpoint: Path, url: str, prompts: int, tokens: int) -> dict:
     sequences = [(prompt_ids[c.prompt_index], c.token_ids) for c in completions]
     model = load_model(str(checkpoint), "bfloat16", "eager", 30, gradient_checkpointing=False).eval()
     results = {}
-    for experts in EXPERTS:
-        model.set_experts_implementation(experts)
-        gaps = [(logps - torch.tensor(c.logprobs)).abs() for logps, c in zip(token_logprobs(model, sequences), completions)]
+    for variant in (*EXPERTS, "grouped_mm+trl_fused_head"):
+        model.set_experts_implementation(variant.split("+")[0])
+        if variant.endswith("trl_fused_head"):
+            add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+        logps = token_logprobs(model, sequences, fused_head=variant.endswith("trl_fused_head"))
+        gaps = [(lp - torch.tensor(c.logprobs)).abs() for lp, c in zip(logps, completions)]
         gap = torch.cat(gaps)
-        results[experts] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
+        results[variant] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
                             "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item()}
-        print(experts, json.dumps(results[experts]), flush=True)
+        print(variant, json.dumps(results[variant]), flush=True)
     return results
 
 
