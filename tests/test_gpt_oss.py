@@ -16,13 +16,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
 from conftest import REPO, completion_logprobs, start_server
 from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
+from trainer.config import Settings
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
+from trainer.train_grpo_vllm import grpo_config
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +50,18 @@ def test_one_grpo_step_with_lora_on_gpt_oss(mxfp4_checkpoint, tmp_path):
     assert type(model).__name__ == "GptOssForCausalLM"
     tokenizer = load_tokenizer(str(mxfp4_checkpoint))
     dataset = load_prompts("sample", "", "train", "Solve it.").select(range(4))
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                      num_generations=4, max_completion_length=8, max_steps=1, learning_rate=0.05,
-                      use_cpu=True, report_to=[], save_strategy="no", gradient_checkpointing=True,
-                      logging_steps=1)
+    settings = Settings.from_env({"RUNS_DIR": str(tmp_path), "GRADIENT_ACCUMULATION_STEPS": "4",
+                                  "NUM_GENERATIONS": "4", "MAX_COMPLETION_LENGTH": "8", "MAX_STEPS": "1",
+                                  "LEARNING_RATE": "0.05", "WARMUP_STEPS": "0", "REPORT_TO": "none"})
+    args = grpo_config(settings, use_cpu=True)  # the trainer's own TRL settings
+    args.use_vllm = False  # vLLM's CPU build cannot run LoRA on a MoE: transformers samples here
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=dataset,
                           reward_funcs=load_rewards(("tests.rewards.known_word_fraction", "boxed_format")),
                           peft_config=lora_config(4, 8, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj")))
     trainer.train()
     history = trainer.state.log_history[0]
     assert torch.isfinite(torch.tensor(history["loss"])) and history["grad_norm"] > 0
+    assert "aux_loss" not in history  # the MoE load-balancing loss TRL would add (0.9 from the config) is off
 
     trainer.save_model(str(tmp_path / "adapter"))
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
