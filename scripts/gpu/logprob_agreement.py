@@ -2,6 +2,8 @@
 """Where do vLLM's and the trainer's logprobs part on the GPU? (BENCHMARKS.md: 18.5 nats mean on the random
 gpt-oss-20b MXFP4 checkpoint, while both sides agree to 1e-4 in float32 on the CPU.)
 
+0. The trainer's weights: every layer's experts as the trainer's load dequantized them on its GPUs, against the
+   checkpoint's MXFP4 blocks dequantized on the CPU (max |difference|, expected 0).
 1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts
    `eager` (the per-expert loop) vs `grouped_mm` (the default on CUDA) vs `batched_mm`: max |logprob difference|.
 2. The stack: completions sampled from the running vLLM server (base model, no adapter), scored by the checkpoint
@@ -49,6 +51,24 @@ def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_he
     return out
 
 
+def dequantized_weights(model, checkpoint: Path) -> dict:
+    from safetensors import safe_open
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    worst = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            with safe_open(checkpoint / index[name + "_blocks"], "pt") as f:
+                reference = convert_moe_packed_tensors(f.get_tensor(name + "_blocks"), f.get_tensor(name + "_scales"))
+            loaded = getattr(layer.mlp.experts, proj).detach()
+            worst[f"{i}.{proj}@{loaded.device}"] = (loaded.cpu().float() - reference.float()).abs().max().item()
+    bad = {k: v for k, v in worst.items() if v > 0}
+    return {"tensors_checked": len(worst), "tensors_differing": len(bad), "largest": max(worst.values()),
+            "differing": dict(list(bad.items())[:8])}
+
+
 def experts_kernels(checkpoint: Path) -> dict:
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -75,7 +95,8 @@ def stack(checkpoint: Path, url: str, prompts: int, tokens: int) -> dict:
     completions = client.complete(base, prompt_ids, n=1, max_tokens=tokens, temperature=1.0, top_p=1.0)
     sequences = [(prompt_ids[c.prompt_index], c.token_ids) for c in completions]
     model = load_model(str(checkpoint), "bfloat16", "eager", 30, gradient_checkpointing=False).eval()
-    results = {}
+    results = {"dequantized_weights": dequantized_weights(model, checkpoint)}
+    print("trainer's dequantized experts vs CPU:", json.dumps(results["dequantized_weights"]), flush=True)
     for variant in (*EXPERTS, "grouped_mm+trl_fused_head"):
         model.set_experts_implementation(variant.split("+")[0])
         if variant.endswith("trl_fused_head"):
