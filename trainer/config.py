@@ -59,7 +59,7 @@ class Settings:
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", at_least(0.1))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
-    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "transformers attention of the trainer: eager, sdpa, flex_attention or a kernel repo such as kernels-community/vllm-flash-attn3.")
+    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "transformers attention of the trainer: eager, flex_attention (GPU only with GPT-OSS's sinks) or a kernel repo such as kernels-community/vllm-flash-attn3; transformers has no sdpa for GPT-OSS.")
     torch_dtype: str = setting("TORCH_DTYPE", "bfloat16", "Dtype the trainer loads the model in (MXFP4 checkpoints are dequantized to it).", one_of(*TORCH_DTYPES))
     gpu_memory_budget_gib: float = setting("GPU_MEMORY_BUDGET_GIB", 30.0, "GiB of weights the trainer may place on each GPU (layers are spread evenly); vLLM holds its share beside them.", at_least(1))
     gradient_checkpointing: bool = setting("GRADIENT_CHECKPOINTING", True, "Recompute activations in backward to keep the micro-step peak low.")
