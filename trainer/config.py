@@ -174,11 +174,8 @@ class Settings:
         lines = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata["env"] in SECRET_SETTINGS:
-                value = "<set>" if value else "<empty>"
-            elif isinstance(value, tuple):
-                value = ",".join(map(str, value))
-            lines.append(f"{f.metadata['env']}={value}")
+            shown = ("<set>" if value else "<empty>") if f.metadata["env"] in SECRET_SETTINGS else _as_env(value)
+            lines.append(f"{f.metadata['env']}={shown}")
         return "\n".join(lines)
 
 
@@ -196,6 +193,11 @@ def _parse(raw: str, annotation: Any) -> Any:
     return annotation(raw)
 
 
+def _as_env(value: Any) -> str:
+    """A value as it is written in .env (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is tuple:
         return f"a comma-separated list of {_type_name(typing.get_args(annotation)[0])}s"
@@ -206,8 +208,5 @@ def help_text() -> str:
     """The table `--help` prints: every setting, its default and meaning."""
     rows = []
     for f in dataclasses.fields(Settings):
-        default = f.default
-        if isinstance(default, tuple):
-            default = ",".join(map(str, default))
-        rows.append(f"  {f.metadata['env']:<28} default: {str(default) or '(empty)'}\n      {f.metadata['help']}")
+        rows.append(f"  {f.metadata['env']:<28} default: {_as_env(f.default) or '(empty)'}\n      {f.metadata['help']}")
     return "Settings (environment variables, e.g. in .env):\n" + "\n".join(rows)

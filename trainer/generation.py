@@ -65,8 +65,9 @@ class ServerGeneration:
     def sync_weights(self) -> None:
         start = time.perf_counter()
         name = self._with_recovery(lambda: self.publisher.publish(self.current_step()), republish=False)
-        self.timings.sync_seconds += time.perf_counter() - start
-        log.debug("published adapter %s in %.3f s", name, self.timings.sync_seconds)
+        seconds = time.perf_counter() - start
+        self.timings.sync_seconds += seconds
+        log.debug("published adapter %s in %.3f s", name, seconds)
 
     def generate(self, prompts: list[list[int]], images, num_generations: int, profiler=None):
         if images is not None and any(i is not None for i in images):

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from scripts.gpu.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
 from trainer.model import load_model, lora_config  # noqa: E402
 
 
@@ -50,9 +51,7 @@ def timed(fn, repeats=3):
 def attention_comparison(checkpoint: Path, seq_len: int) -> dict:
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    shape = json.loads((checkpoint / "config.json").read_text())
-    shape.pop("quantization_config", None)
-    shape.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], vocab_size=4096)
+    shape = two_layer_shape(checkpoint)
     torch.manual_seed(0)
     # float64 runs only through the plain-PyTorch paths: eager attention, eager (per-expert loop) MoE
     reference = GptOssForCausalLM(GptOssConfig(**{**shape, "_attn_implementation": "eager", "experts_implementation": "eager"}))

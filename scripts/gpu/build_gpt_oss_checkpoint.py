@@ -103,6 +103,15 @@ def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_
     save_word_tokenizer(out, shape["vocab_size"])
 
 
+def two_layer_shape(checkpoint: Path, vocab_size: int = 4096) -> dict:
+    """The checkpoint's config, cut to one sliding-window and one full-attention layer and a small vocabulary:
+    gpt-oss-20b's attention and MoE at a size where float32/float64 references fit beside the real model."""
+    shape = json.loads((checkpoint / "config.json").read_text())
+    shape.pop("quantization_config", None)
+    return {**shape, "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+            "vocab_size": vocab_size}
+
+
 def write_dense_copy(checkpoint: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """The checkpoint with its MXFP4 experts dequantized by transformers (the trainer's load), saved unquantized."""
     import shutil

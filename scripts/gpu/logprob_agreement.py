@@ -28,6 +28,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from scripts.gpu.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
 from trainer.model import load_model  # noqa: E402
 from trainer.vllm_client import VLLMServerClient  # noqa: E402
 
@@ -72,9 +73,7 @@ def dequantized_weights(model, checkpoint: Path) -> dict:
 def experts_kernels(checkpoint: Path) -> dict:
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    shape = json.loads((checkpoint / "config.json").read_text())
-    shape.pop("quantization_config", None)
-    shape.update(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], vocab_size=4096)
+    shape = two_layer_shape(checkpoint)
     torch.manual_seed(0)
     model = GptOssForCausalLM(GptOssConfig(**shape, _attn_implementation="eager")).to(DEVICE, torch.float32).eval()
     ids = torch.randint(0, 4096, (1, 1024), device=DEVICE)

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from trainer.report import latest_per_step, read_jsonl  # noqa: E402
+
 
 def main(out: Path) -> None:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").exists() else []
+    rows = latest_per_step(read_jsonl(out / "metrics.jsonl"))
     print("| step | gen s | gen tok/s | sync s | train s | train tok/s | clipped | mean len | "
           "logp gap mean/max | trainer peak GiB per GPU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
