@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from transformers import AutoConfig  # noqa: E402
+
 from trainer.vllm_client import VLLMServerClient  # noqa: E402
 
 
@@ -58,7 +60,7 @@ def main() -> None:
 
     client = VLLMServerClient(args.url, request_timeout=1800)
     base = client.served_model()["id"]
-    vocab = json.loads((Path(base) / "config.json").read_text())["vocab_size"] if Path(base).is_dir() else 32000
+    vocab = AutoConfig.from_pretrained(base).vocab_size  # the served model: a local path or a cached Hub name
     latency = registration_latency(client, args.adapter)
     print(json.dumps({"label": args.label, "adapter_registration_s": [round(s, 3) for s in latency]}), flush=True)
     adapter = "bench-v4"

@@ -18,6 +18,8 @@
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
+# Environment: OUT (files to bring back, default /tmp/out), CKPT (the checkpoint, /tmp/ckpt), PORT (vLLM's, 8000),
+# TRAIN_TIMEOUT (seconds before `train` stops the trainer with SIGTERM, 520).
 # NVLink multicast stays off in every process (it can take a shared host's GPUs out of service).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
