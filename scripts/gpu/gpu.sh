@@ -11,8 +11,13 @@
 #                     and started again beside the trainer (what compose's restart policy does)
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
+#   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
+#                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
+#                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
-#   gpu.sh agreement  where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py)
+#   gpu.sh agreement [LABEL=PORT ...]
+#                     where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py), for the
+#                     server on $PORT and each variant named
 #   gpu.sh dense-copy write $CKPT-dense: the same model with bf16 experts (then `restart-vllm MODEL_NAME=$CKPT-dense`
 #                     and `agreement` again take vLLM's MXFP4 MoE kernel out of the comparison)
 #   gpu.sh bench-generation LABEL [ARGS]
@@ -34,13 +39,16 @@ env_example() {  # .env.example's non-empty values, as compose passes them to bo
   grep -E '^[A-Z_]+=.+' "$REPO/.env.example" | sed 's/^/export /; s/=\(.*\)$/="\1"/'
 }
 
-start_vllm() {  # [NAME=VALUE ...] overrides of .env.example
+gpu_total_mib() { nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1; }
+
+start_vllm() {  # [NAME=VALUE ...] overrides of .env.example; kept for a restart by `train`
+  printf '%q ' "$@" > /tmp/vllm-overrides
   (
     eval "$(env_example)"
     export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2 "$@"
     # sized for 2 x H100 80 GB even on H200: vLLM takes this fraction of the whole card
-    if nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{exit !($1 > 100000)}'; then
-      export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) / 1024), 3))")
+    if (($(gpu_total_mib) > 100000)); then
+      export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(gpu_total_mib) / 1024), 3))")
     fi
     echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
     echo "free MiB per GPU at start: $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | paste -sd/)"
@@ -56,13 +64,13 @@ kill_vllm() {  # the whole process group (API server and TP workers), as a crash
   sleep 3
 }
 
-wait_health() {
-  local deadline=$((SECONDS + ${1:-400}))
-  until curl -sf "localhost:$PORT/health" > /dev/null; do
-    if ((SECONDS > deadline)); then echo "vLLM not healthy"; tail -50 /tmp/vllm.log; return 1; fi
+wait_health() {  # [TIMEOUT_S] [PORT] [LOG]
+  local deadline=$((SECONDS + ${1:-400})) port=${2:-$PORT} log=${3:-/tmp/vllm.log}
+  until curl -sf "localhost:$port/health" > /dev/null; do
+    if ((SECONDS > deadline)); then echo "vLLM on $port not healthy"; tail -50 "$log"; return 1; fi
     sleep 3
   done
-  echo "vLLM healthy after ${SECONDS}s"
+  echo "vLLM on $port healthy after ${SECONDS}s"
 }
 
 case "${1:-}" in
@@ -98,7 +106,7 @@ case "${1:-}" in
         nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv
         echo "killing vLLM (SIGKILL to its process group) at $(date +%T)"
         kill_vllm; SECONDS=0
-        start_vllm; wait_health 420
+        eval "start_vllm $(cat /tmp/vllm-overrides)"; wait_health 420
       ) > "$OUT/vllm-restart.log" 2>&1 &
     fi
     (
@@ -117,9 +125,29 @@ case "${1:-}" in
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 -c "from pathlib import Path
 from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
 print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
+  serve-variant)
+    label=$2 port=$3 gib=$4
+    (
+      eval "$(env_example)"
+      export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$port" PYTHONPATH=/tmp/b/site:/tmp/site2 "${@:5}"
+      export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round($gib * 1024 / $(gpu_total_mib), 3))")
+      mapfile -t command < <(python3 "$REPO/docker/vllm/serve.py" --print-command)
+      if [[ "${LORA:-on}" == off ]]; then
+        mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '/^--(max-lora-rank|max-loras)$/ {skip=1; next}
+          skip {skip=0; next} $0 != "--enable-lora"')
+      fi
+      # serve.py's own settings stay out of vLLM's environment, as serve.py keeps them
+      unset $(cd "$REPO/docker/vllm" && python3 -c "import serve; print(*serve.OWN_SETTINGS)")
+      echo "variant $label: ${command[*]}" | tee -a "$OUT/variants.log"
+      VLLM_ALLOW_RUNTIME_LORA_UPDATING=True setsid "${command[@]}" > "/tmp/vllm-$label.log" 2>&1 &
+    )
+    wait_health 420 "$port" "/tmp/vllm-$label.log" | tee -a "$OUT/variants.log"
+    cp "/tmp/vllm-$label.log" "$OUT/" ;;
   agreement)
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" \
-      --url "http://127.0.0.1:$PORT" "${@:2}" 2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
+    urls=(--url "compose=http://127.0.0.1:$PORT")
+    for variant in "${@:2}"; do urls+=(--url "${variant%%=*}=http://127.0.0.1:${variant#*=}"); done
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" "${urls[@]}" \
+      2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
   bench-generation)
     adapter=$(ls -d /tmp/runs/*/checkpoint-* | sort -t- -k2 -n | tail -1)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_generation.py" "$adapter" \

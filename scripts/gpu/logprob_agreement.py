@@ -6,14 +6,13 @@ gpt-oss-20b MXFP4 checkpoint, while both sides agree to 1e-4 in float32 on the C
    checkpoint's MXFP4 blocks dequantized on the CPU (max |difference|, expected 0).
 1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts
    `eager` (the per-expert loop) vs `grouped_mm` (the default on CUDA) vs `batched_mm`: max |logprob difference|.
-2. The stack: completions sampled from the running vLLM server (base model, no adapter), scored by the checkpoint
+2. The stack: completions sampled from each running vLLM server (base model, no adapter), scored by the checkpoint
    loaded exactly as the trainer loads it, with each experts implementation, and once more through TRL's fused
    LM head (its Triton log-probability kernel: the path the training metric takes on a GPU): mean and max
-   |logprob difference|.
-   Rerun after `gpu.sh restart-vllm VLLM_EXTRA_ARGS="--moe-backend triton"` (or another backend) to test
-   vLLM's MXFP4 MoE kernel.
+   |logprob difference|. Servers of the same checkpoint started with different flags (`gpu.sh serve-variant`:
+   LoRA off, another `--moe-backend`) tell vLLM's paths apart in one run.
 
-    python scripts/gpu/logprob_agreement.py CHECKPOINT_DIR [--url http://127.0.0.1:8000]
+    python scripts/gpu/logprob_agreement.py CHECKPOINT_DIR [--url LABEL=http://127.0.0.1:8000 ...]
 """
 
 from __future__ import annotations
@@ -53,12 +52,18 @@ def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_he
 
 
 def dequantized_weights(model, checkpoint: Path) -> dict:
+    """First and last layer on each GPU: a wrong placement or a device-dependent dequantization shows there."""
     from safetensors import safe_open
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
     worst = {}
-    for i, layer in enumerate(model.model.layers):
+    layers = list(model.model.layers)
+    devices = [next(layer.parameters()).device for layer in layers]
+    edges = sorted({i for i in range(len(layers)) if i in (0, len(layers) - 1) or devices[i] != devices[i - 1]
+                    or devices[i] != devices[i + 1]})
+    for i in edges:
+        layer = layers[i]
         for proj in ("gate_up_proj", "down_proj"):
             name = f"model.layers.{i}.mlp.experts.{proj}"
             with safe_open(checkpoint / index[name + "_blocks"], "pt") as f:
@@ -85,14 +90,16 @@ def experts_kernels(checkpoint: Path) -> dict:
     return {f"{e}_vs_eager_max_abs_logprob_gap": (logps[e] - logps["eager"]).abs().max().item() for e in EXPERTS}
 
 
-def stack(checkpoint: Path, url: str, prompts: int, tokens: int) -> dict:
-    client = VLLMServerClient(url, request_timeout=1800)
-    base = client.served_model()["id"]
+def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int) -> dict:
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     prompt_ids = [torch.randint(3, vocab, (64,), generator=generator).tolist() for _ in range(prompts)]
-    completions = client.complete(base, prompt_ids, n=1, max_tokens=tokens, temperature=1.0, top_p=1.0)
-    sequences = [(prompt_ids[c.prompt_index], c.token_ids) for c in completions]
+    sampled = {}
+    for label, url in urls.items():
+        client = VLLMServerClient(url, request_timeout=1800)
+        completions = client.complete(client.served_model()["id"], prompt_ids, n=1, max_tokens=tokens,
+                                      temperature=1.0, top_p=1.0)
+        sampled[label] = [(prompt_ids[c.prompt_index], c.token_ids, torch.tensor(c.logprobs)) for c in completions]
     model = load_model(str(checkpoint), "bfloat16", "eager", 30, gradient_checkpointing=False).eval()
     results = {"dequantized_weights": dequantized_weights(model, checkpoint)}
     print("trainer's dequantized experts vs CPU:", json.dumps(results["dequantized_weights"]), flush=True)
@@ -100,26 +107,31 @@ def stack(checkpoint: Path, url: str, prompts: int, tokens: int) -> dict:
         model.set_experts_implementation(variant.split("+")[0])
         if variant.endswith("trl_fused_head"):
             add_fused_lm_head(model, outputs=("log_probs", "entropy"))
-        logps = token_logprobs(model, sequences, fused_head=variant.endswith("trl_fused_head"))
-        gaps = [(lp - torch.tensor(c.logprobs)).abs() for lp, c in zip(logps, completions)]
-        gap = torch.cat(gaps)
-        results[variant] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
-                            "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item()}
-        print(variant, json.dumps(results[variant]), flush=True)
+        for label, sequences in sampled.items():
+            logps = token_logprobs(model, [(p, c) for p, c, _ in sequences], fused_head=variant.endswith("trl_fused_head"))
+            gaps = [(lp - served).abs() for lp, (_, _, served) in zip(logps, sequences)]
+            gap = torch.cat(gaps)
+            key = f"{label} vs trainer {variant}"
+            results[key] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
+                            "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item(),
+                            "last_16_tokens_mean": torch.cat([g[-16:] for g in gaps]).mean().item()}
+            print(key, json.dumps(results[key]), flush=True)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", action="append", metavar="LABEL=URL",
+                        help="a vLLM server to compare (repeatable; default compose=http://127.0.0.1:8000)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
     print("experts kernels (float32):", json.dumps(experts_kernels(args.checkpoint)), flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    print("stack:", json.dumps(stack(args.checkpoint, args.url, args.prompts, args.tokens)), flush=True)
+    urls = dict(u.split("=", 1) if "=" in u else (u, u) for u in args.url or ["compose=http://127.0.0.1:8000"])
+    print("stack:", json.dumps(stack(args.checkpoint, urls, args.prompts, args.tokens)), flush=True)
 
 
 if __name__ == "__main__":
