@@ -17,6 +17,7 @@ from trl import GRPOTrainer
 
 from .adapter_sync import AdapterPublisher
 from .checkpoints import mark_complete
+from .model import on_output_head_device
 from .generation import ServerGeneration
 from .run_log import MicroStepMemory
 from .vllm_client import VLLMServerClient
@@ -45,12 +46,13 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
         self._micro_batch = super()._prepare_inputs(generation_batch)
         return self._micro_batch
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        with on_output_head_device(self.accelerator.unwrap_model(model)):
+            outputs = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         # With the layers split over both GPUs the head's outputs land on the last one, while TRL keeps masks,
         # advantages and vLLM's sampling logprobs on the first: bring them together there.
         device = self.accelerator.device
-        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t
-                     for t in super()._get_per_token_logps_and_entropies(*args, **kwargs))
+        return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in outputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward of one micro-batch

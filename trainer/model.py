@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 from peft import LoraConfig
@@ -35,6 +36,16 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
              f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
     return model
+
+
+def on_output_head_device(model):
+    """Make the LM head's GPU the current one while TRL scores tokens. TRL 1.16's fused LM head launches its Triton
+    kernel on the current CUDA device, not on its tensors' (no device guard); with the layers spread over two GPUs
+    the head and its logits tile sit on the second while the first is current, and on 2 x H100 TRL's logprobs came
+    out up to 25 nats (1.2 mean) away from the same model's plain forward (BENCHMARKS.md). Guarding the launch by
+    the tensors' device is the fix other Triton kernel libraries made for models spread by `device_map`."""
+    head = model.get_output_embeddings().weight.device
+    return torch.cuda.device(head) if head.type == "cuda" else nullcontext()
 
 
 def lora_config(rank: int, alpha: int, dropout: float, target_modules: tuple[str, ...]) -> LoraConfig:

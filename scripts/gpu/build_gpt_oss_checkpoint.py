@@ -10,8 +10,11 @@ dequantizing load.
 `quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
 comparison.
 
-Random weights give near-uniform outputs; `--head-std` and `--router-std` spread the logits and the router's
-expert scores so sampling and expert choice are well conditioned (numerical comparisons need that).
+Random weights need care to be well conditioned. `--head-std` and `--router-std` spread the logits and the router's
+expert scores so sampling and expert choice are not near-uniform; `--init-std` and `--expert-scale-exp` keep each
+layer's update small next to the residual stream. With larger layers (init 0.02, experts 2^-7) the 24-layer model is
+chaotic: on 2 x H100 bf16 alone moved its logprobs 5.4 nats from float32, so no bf16 comparison meant anything;
+with the defaults (0.004, 2^-9) bf16 moves them 0.05 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def config_dict(shape: dict) -> dict:
             "quantization_config": QUANTIZATION, **shape}
 
 
-def mxfp4(experts: int, rows: int, cols: int, device, generator, scale_exp: int = -7) -> tuple[torch.Tensor, torch.Tensor]:
+def mxfp4(experts: int, rows: int, cols: int, device, generator, scale_exp: int = -9) -> tuple[torch.Tensor, torch.Tensor]:
     """Random MXFP4 tensor [experts, rows, cols]: uniform 4-bit codes (|value| <= 6) times 2^scale_exp."""
     blocks = torch.randint(0, 256, (experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2), dtype=torch.uint8,
                            device=device, generator=generator)
@@ -61,7 +64,7 @@ def mxfp4(experts: int, rows: int, cols: int, device, generator, scale_exp: int 
 
 
 def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_std: float,
-          router_std: float, expert_scale_exp: int = -7) -> None:
+          router_std: float, expert_scale_exp: int = -9) -> None:
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
     H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"]
@@ -136,13 +139,20 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy sizes with the same layout (for CPU checks)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-std", type=float, default=0.02)
+    parser.add_argument("--init-std", type=float,
+                        help="std of the attention, bias and router-bias weights (default 0.004; 0.02 with --tiny, "
+                             "whose narrow layers stay small next to the residual stream)")
     parser.add_argument("--head-std", type=float, default=0.1, help="lm_head std: logits std ~ this x sqrt(hidden)")
     parser.add_argument("--router-std", type=float, default=0.1, help="router std: separates the top-k experts")
+    parser.add_argument("--expert-scale-exp", type=int,
+                        help="MXFP4 scale of every expert block, 2^this: expert weights up to 6 x 2^this "
+                             "(default -9; -7 with --tiny)")
     parser.add_argument("--dense-copy", type=Path, help="also write the model with bf16 experts here")
     args = parser.parse_args()
-    build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, args.init_std, args.head_std,
-          args.router_std)
+    init_std = args.init_std if args.init_std is not None else (0.02 if args.tiny else 0.004)
+    expert_scale_exp = args.expert_scale_exp if args.expert_scale_exp is not None else (-7 if args.tiny else -9)
+    build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, init_std, args.head_std,
+          args.router_std, expert_scale_exp)
     print(f"wrote {args.out}")
     if args.dense_copy:
         print(f"wrote {write_dense_copy(args.out, args.dense_copy)}")

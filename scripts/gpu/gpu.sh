@@ -8,7 +8,9 @@
 #                     run the trainer container's entry (same settings path, .env.example values, overrides
 #                     after them) for a few steps against it, sampling per-process GPU memory; results to $OUT.
 #                     With KILL_VLLM_AFTER_ADAPTER=N, vLLM is killed 10 s after the Nth adapter this run registers
-#                     and started again beside the trainer (what compose's restart policy does)
+#                     (the trainer's start registers two: a probe and policy-v0; so 2 kills it during step 1's
+#                     sampling, 3 during step 2's) and started again beside the trainer, with the overrides it last
+#                     started with (what compose's restart policy does)
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
@@ -42,7 +44,7 @@ env_example() {  # .env.example's non-empty values, as compose passes them to bo
 gpu_total_mib() { nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1; }
 
 start_vllm() {  # [NAME=VALUE ...] overrides of .env.example; kept for a restart by `train`
-  printf '%q ' "$@" > /tmp/vllm-overrides
+  if (($#)); then printf '%q ' "$@"; fi > /tmp/vllm-overrides  # nothing when none (an empty '' breaks `export`)
   (
     eval "$(env_example)"
     export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2 "$@"

@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
-"""Where do vLLM's and the trainer's logprobs part on the GPU? (BENCHMARKS.md: 18.5 nats mean on the random
-gpt-oss-20b MXFP4 checkpoint, while both sides agree to 1e-4 in float32 on the CPU.)
+"""Do vLLM and the trainer compute the same logprobs on the GPU, and where do they part? (BENCHMARKS.md,
+"vLLM vs the trainer".)
 
-0. The trainer's weights: every layer's experts as the trainer's load dequantized them on its GPUs, against the
-   checkpoint's MXFP4 blocks dequantized on the CPU (max |difference|, expected 0).
-1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts
-   `eager` (the per-expert loop) vs `grouped_mm` (the default on CUDA) vs `batched_mm`: max |logprob difference|.
+0. The trainer's weights: the experts of the first and last layer on each GPU, as the trainer's load dequantized
+   them, against the checkpoint's MXFP4 blocks dequantized on the CPU (max |difference|, expected 0).
+1. transformers' MoE kernels on this GPU: a 2-layer model with the checkpoint's shapes in float32, experts `eager`
+   (the per-expert loop) vs `grouped_mm` (the default on CUDA): max |logprob difference|.
 2. The stack: completions sampled from each running vLLM server (base model, no adapter), scored by the checkpoint
-   loaded exactly as the trainer loads it, with each experts implementation, and once more through TRL's fused
-   LM head (its Triton log-probability kernel: the path the training metric takes on a GPU): mean and max
-   |logprob difference|. Servers of the same checkpoint started with different flags (`gpu.sh serve-variant`:
-   LoRA off, another `--moe-backend`) tell vLLM's paths apart in one run.
+   loaded exactly as the trainer loads it: with each experts implementation, through TRL's fused LM head as TRL
+   calls it and as the trainer calls it (from the head's GPU), and with `--dtypes bfloat16,float32` also in
+   float32, which measures what bf16 alone moves on this checkpoint. Servers of the same checkpoint started with
+   other flags (`gpu.sh serve-variant`: LoRA off, another attention backend, TP 1, the dense copy) tell vLLM's
+   paths apart in one run.
 
     python scripts/gpu/logprob_agreement.py CHECKPOINT_DIR [--url LABEL=http://127.0.0.1:8000 ...]
+        [--dtypes bfloat16,float32]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,19 +32,22 @@ from trl.trainer.utils import add_fused_lm_head
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.gpu.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
-from trainer.model import load_model  # noqa: E402
+from trainer.model import load_model, on_output_head_device  # noqa: E402
 from trainer.vllm_client import VLLMServerClient  # noqa: E402
 
-EXPERTS = ("grouped_mm", "eager", "batched_mm")
+# TRL's fused LM head as TRL 1.16 calls it, and as the trainer calls it (from the head's GPU)
+FUSED_HEAD = ("grouped_mm+trl_fused_head", "grouped_mm+trl_fused_head+head_device_guard")
+EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert weights: 253 GiB at this size
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
 
 
-def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_head: bool = False) -> list[torch.Tensor]:
+def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_head: bool = False,
+                   head_device_guard: bool = False) -> list[torch.Tensor]:
     device = next(model.parameters()).device
     out = []
     for prompt, completion in sequences:
         ids = torch.tensor([prompt + completion], device=device)
-        with torch.no_grad():
+        with torch.no_grad(), on_output_head_device(model) if head_device_guard else nullcontext():
             if fused_head:  # as TRL scores: labels -100 on the prompt, log-probabilities of the next tokens
                 labels = ids.clone()
                 labels[:, :len(prompt)] = -100
@@ -90,7 +97,15 @@ def experts_kernels(checkpoint: Path) -> dict:
     return {f"{e}_vs_eager_max_abs_logprob_gap": (logps[e] - logps["eager"]).abs().max().item() for e in EXPERTS}
 
 
-def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int) -> dict:
+def gap_summary(logps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
+    gaps = [(a - b).abs() for a, b in zip(logps, reference)]
+    gap = torch.cat(gaps)
+    return {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
+            "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item(),
+            "last_16_tokens_mean": torch.cat([g[-16:] for g in gaps]).mean().item()}
+
+
+def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int, dtypes: list[str]) -> dict:
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     prompt_ids = [torch.randint(3, vocab, (64,), generator=generator).tolist() for _ in range(prompts)]
@@ -100,21 +115,33 @@ def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int) -> 
         completions = client.complete(client.served_model()["id"], prompt_ids, n=1, max_tokens=tokens,
                                       temperature=1.0, top_p=1.0)
         sampled[label] = [(prompt_ids[c.prompt_index], c.token_ids, torch.tensor(c.logprobs)) for c in completions]
-    model = load_model(str(checkpoint), "bfloat16", "eager", 30, gradient_checkpointing=False).eval()
-    results = {"dequantized_weights": dequantized_weights(model, checkpoint)}
-    print("trainer's dequantized experts vs CPU:", json.dumps(results["dequantized_weights"]), flush=True)
-    for variant in (*EXPERTS, "grouped_mm+trl_fused_head"):
-        model.set_experts_implementation(variant.split("+")[0])
-        if variant.endswith("trl_fused_head"):
-            add_fused_lm_head(model, outputs=("log_probs", "entropy"))
-        for label, sequences in sampled.items():
-            logps = token_logprobs(model, [(p, c) for p, c, _ in sequences], fused_head=variant.endswith("trl_fused_head"))
-            gaps = [(lp - served).abs() for lp, (_, _, served) in zip(logps, sequences)]
-            gap = torch.cat(gaps)
-            key = f"{label} vs trainer {variant}"
-            results[key] = {"mean_abs_logprob_gap": gap.mean().item(), "max_abs_logprob_gap": gap.max().item(),
-                            "first_16_tokens_mean": torch.cat([g[:16] for g in gaps]).mean().item(),
-                            "last_16_tokens_mean": torch.cat([g[-16:] for g in gaps]).mean().item()}
+    results, eager_logps = {}, {}
+    for dtype in dtypes:
+        model = load_model(str(checkpoint), dtype, "eager", 70, gradient_checkpointing=False).eval()
+        model = model.to(getattr(torch, dtype))  # transformers dequantizes MXFP4 experts to bf16 whatever the dtype
+        if dtype == "bfloat16":
+            results["dequantized_weights"] = dequantized_weights(model, checkpoint)
+            print("trainer's dequantized experts vs CPU:", json.dumps(results["dequantized_weights"]), flush=True)
+        variants = (*EXPERTS, *FUSED_HEAD) if dtype == "bfloat16" else ("eager",)
+        for variant in variants:
+            model.set_experts_implementation(variant.split("+")[0])
+            if variant == FUSED_HEAD[0]:
+                add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+            for label, sequences in sampled.items():
+                logps = token_logprobs(model, [(p, c) for p, c, _ in sequences], fused_head=variant in FUSED_HEAD,
+                                       head_device_guard=variant == FUSED_HEAD[1])
+                if variant == "eager":
+                    eager_logps[dtype, label] = logps
+                results[f"{label} vs trainer {dtype} {variant}"] = gap_summary(logps, [lp for *_, lp in sequences])
+                print(f"{label} vs trainer {dtype} {variant}", json.dumps(results[f"{label} vs trainer {dtype} {variant}"]), flush=True)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for label in sampled:  # the trainer against itself: what bf16 alone moves on this model
+        if ("float32", label) in eager_logps and ("bfloat16", label) in eager_logps:
+            key = f"trainer bfloat16 vs trainer float32 on {label}'s samples"
+            results[key] = gap_summary(eager_logps["bfloat16", label], eager_logps["float32", label])
             print(key, json.dumps(results[key]), flush=True)
     return results
 
@@ -124,6 +151,9 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--url", action="append", metavar="LABEL=URL",
                         help="a vLLM server to compare (repeatable; default compose=http://127.0.0.1:8000)")
+    parser.add_argument("--dtypes", default="bfloat16",
+                        help="trainer dtypes to score with, comma-separated; float32 (39 GiB per GPU) tells "
+                             "what bf16 alone moves")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
@@ -131,7 +161,7 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     urls = dict(u.split("=", 1) if "=" in u else (u, u) for u in args.url or ["compose=http://127.0.0.1:8000"])
-    print("stack:", json.dumps(stack(args.checkpoint, urls, args.prompts, args.tokens)), flush=True)
+    print("stack:", json.dumps(stack(args.checkpoint, urls, args.prompts, args.tokens, args.dtypes.split(","))), flush=True)
 
 
 if __name__ == "__main__":
