@@ -17,9 +17,9 @@
 #                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
 #                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
-#   gpu.sh agreement [LABEL=PORT ...]
+#   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
 #                     where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py), for the
-#                     server on $PORT and each variant named
+#                     server on $PORT and each variant named; other arguments go to the script
 #   gpu.sh dense-copy write $CKPT-dense: the same model with bf16 experts (then `restart-vllm MODEL_NAME=$CKPT-dense`
 #                     and `agreement` again take vLLM's MXFP4 MoE kernel out of the comparison)
 #   gpu.sh bench-generation LABEL [ARGS]
@@ -146,9 +146,11 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
     wait_health 420 "$port" "/tmp/vllm-$label.log" | tee -a "$OUT/variants.log"
     cp "/tmp/vllm-$label.log" "$OUT/" ;;
   agreement)
-    urls=(--url "compose=http://127.0.0.1:$PORT")
-    for variant in "${@:2}"; do urls+=(--url "${variant%%=*}=http://127.0.0.1:${variant#*=}"); done
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" "${urls[@]}" \
+    args=(--url "compose=http://127.0.0.1:$PORT")
+    for arg in "${@:2}"; do
+      if [[ "$arg" =~ ^[a-z0-9_-]+=[0-9]+$ ]]; then args+=(--url "${arg%%=*}=http://127.0.0.1:${arg#*=}"); else args+=("$arg"); fi
+    done
+    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" "${args[@]}" \
       2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
   bench-generation)
     adapter=$(ls -d /tmp/runs/*/checkpoint-* | sort -t- -k2 -n | tail -1)
