@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy in front of the real vLLM server: the only test double in the suite.
 
 `plan(path, attempt_number)` decides per request: an int is an HTTP status to answer instead of the server,
-a float is seconds to stall before forwarding (a slow server), None forwards at once. Requests are counted so tests can assert what the trainer retried.
+a float is seconds to stall before forwarding (a slow server), CUT forwards but breaks the connection halfway
+through the answer (a server killed while answering), None forwards at once. Requests are counted so tests can assert what the trainer retried.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import requests
+
+
+CUT = "cut"
 
 
 class FaultProxy:
@@ -35,7 +39,7 @@ class FaultProxy:
                     proxy.faults["stall"] += 1
                     time.sleep(status)
                     status = None
-                if status is not None:
+                if status is not None and status != CUT:
                     proxy.faults[status] += 1
                     payload = b'{"error": "injected fault"}'
                     self.send_response(status)
@@ -56,6 +60,11 @@ class FaultProxy:
                 self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(upstream.content)))
                 self.end_headers()
+                if status == CUT:
+                    proxy.faults[CUT] += 1
+                    self.wfile.write(upstream.content[:len(upstream.content) // 2])
+                    self.close_connection = True
+                    return
                 self.wfile.write(upstream.content)
 
             do_GET = do_POST = _handle

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import free_port, run_trainer, start_server, start_trainer, trainer_env, wait_for
-from fault_proxy import FaultProxy
+from fault_proxy import CUT, FaultProxy
 from test_training_server import metrics
 
 pytestmark = pytest.mark.server
@@ -54,6 +54,16 @@ def test_stalled_server_times_out_and_is_retried(vllm_server, tiny_model, tmp_pa
         result = run_trainer(env, tmp_path / "stdout.log")
     assert result.returncode == 0, result.stdout[-3000:]
     assert proxy.faults["stall"] == 1 and "timed out" in result.stdout
+
+
+def test_answer_broken_off_mid_way_is_retried(vllm_server, tiny_model, tmp_path):
+    # a server killed while it answers: the headers arrive, the body stops halfway
+    with FaultProxy(vllm_server.url, lambda path, n: CUT if path == "/v1/completions" and n == 1 else None) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=1, VLLM_RETRY_MAX_WAIT=0.2)
+        result = run_trainer(env, tmp_path / "stdout.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert proxy.faults[CUT] == 1 and "broke mid-answer; retry 1" in result.stdout
+    assert [r["step"] for r in metrics(tmp_path / "test-run")] == [1]
 
 
 def test_server_killed_and_restarted_mid_run(tiny_model, tmp_path):

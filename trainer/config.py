@@ -55,7 +55,7 @@ class Settings:
     vllm_api_key: str = setting("VLLM_API_KEY", "", "API key shared with the server's --api-key; empty means none. Never logged.")
     vllm_wait_timeout: float = setting("VLLM_WAIT_TIMEOUT", 1800.0, "Seconds to wait for GET /health before giving up (first start downloads and loads the model).", at_least(1))
     vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", at_least(1))
-    vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused, timeouts, 500/502/503/504, before a clear error.", at_least(1))
+    vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused or broken off, timeouts, 500/502/503/504, before a clear error.", at_least(1))
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", at_least(0.1))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")

@@ -1,6 +1,6 @@
 """HTTP client for vLLM's OpenAI-compatible server: health, completions from token IDs, runtime LoRA adapters.
 
-Transient faults (connection refused, timeouts, 500/502/503/504) are retried with capped exponential backoff;
+Transient faults (connection refused or broken off mid-answer, timeouts, 500/502/503/504) are retried with capped exponential backoff;
 anything else, or a fault that outlasts the retries, raises `ServerError` naming the server URL.
 """
 
@@ -76,6 +76,8 @@ class VLLMServerClient:
                 response = self.session.request(method, url, timeout=self.request_timeout, **kwargs)
             except requests.ConnectionError as exc:
                 raise TransientServerError(f"cannot connect to {url} ({type(exc).__name__})") from exc
+            except requests.exceptions.ChunkedEncodingError as exc:  # the server died while answering
+                raise TransientServerError(f"connection to {url} broke mid-answer") from exc
             except requests.Timeout as exc:
                 raise TransientServerError(f"{method} {url} timed out") from exc
             if response.status_code in retry_status:
