@@ -1,7 +1,7 @@
 """HTTP client for vLLM's OpenAI-compatible server: health, completions from token IDs, runtime LoRA adapters.
 
-Transient faults (connection refused or broken off mid-answer, timeouts, 500/502/503/504) are retried with capped exponential backoff;
-anything else, or a fault that outlasts the retries, raises `ServerError` naming the server URL.
+Transient faults (connection refused or broken off mid-answer, timeouts, 500/502/503/504) are retried with capped
+exponential backoff; anything else, or a fault that outlasts the retries, raises `ServerError` naming the server URL.
 """
 
 from __future__ import annotations
