@@ -152,16 +152,6 @@ def run_trainer(env: dict, log_path: Path, timeout: float = 900) -> subprocess.C
     return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text(), "")
 
 
-def completion_logprobs(model, prompt: list[int], completion: list[int]):
-    """The model's logprob of each completion token after the prompt (what vLLM reports for a sampled token)."""
-    import torch
-
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from trl import GRPOTrainer
 
-from conftest import REPO, completion_logprobs, start_server
+from conftest import REPO, start_server
 from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
+from scripts.gpu.logprob_agreement import completion_logprobs
 from trainer.config import Settings
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import API_KEY, completion_logprobs, run_trainer, start_trainer, trainer_env, wait_for
+from conftest import API_KEY, run_trainer, start_trainer, trainer_env, wait_for
+from scripts.gpu.logprob_agreement import completion_logprobs
 
 pytestmark = pytest.mark.server
 

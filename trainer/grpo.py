@@ -17,8 +17,8 @@ from trl import GRPOTrainer
 
 from .adapter_sync import AdapterPublisher
 from .checkpoints import mark_complete
-from .model import on_output_head_device
 from .generation import ServerGeneration
+from .model import on_output_head_device
 from .run_log import MicroStepMemory
 from .vllm_client import VLLMServerClient
 

@@ -88,8 +88,9 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# bf16 alone moves a model's logprobs by about 0.1 nats per token; a gap above this means vLLM and the trainer
-# compute different functions, and TRL's importance-sampling correction then weights the tokens near 0.
+# bf16 alone moved a well-conditioned gpt-oss-20b's logprobs by 0.05 nats per token on GPU (BENCHMARKS.md); a gap
+# above this means vLLM and the trainer compute different functions, and TRL's importance-sampling correction then
+# weights the tokens near 0.
 LOGP_GAP_WARNING_NATS = 1.0
 
 

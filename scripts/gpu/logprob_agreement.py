@@ -41,21 +41,17 @@ EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert wei
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
 
 
-def token_logprobs(model, sequences: list[tuple[list[int], list[int]]], fused_head: bool = False,
-                   head_device_guard: bool = False) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    out = []
-    for prompt, completion in sequences:
-        ids = torch.tensor([prompt + completion], device=device)
-        with torch.no_grad(), on_output_head_device(model) if head_device_guard else nullcontext():
-            if fused_head:  # as TRL scores: labels -100 on the prompt, log-probabilities of the next tokens
-                labels = ids.clone()
-                labels[:, :len(prompt)] = -100
-                out.append(model(ids, labels=labels, fused_lm_head=True).log_probs[0, len(prompt) - 1:].float().cpu())
-                continue
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None].to(logits.device))[:, 0].cpu())
-    return out
+def completion_logprobs(model, prompt: list[int], completion: list[int], fused_head: bool = False) -> torch.Tensor:
+    """The model's logprob of each completion token after the prompt (what vLLM reports for a sampled token), on
+    the CPU. With `fused_head`, through TRL's fused LM head as TRL scores: labels -100 on the prompt."""
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+    with torch.no_grad():
+        if fused_head:
+            labels = ids.clone()
+            labels[:, :len(prompt)] = -100
+            return model(ids, labels=labels, fused_lm_head=True).log_probs[0, len(prompt) - 1:].float().cpu()
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None].to(logits.device))[:, 0].cpu()
 
 
 def dequantized_weights(model, checkpoint: Path) -> dict:
@@ -94,7 +90,8 @@ def experts_kernels(checkpoint: Path) -> dict:
         model.set_experts_implementation(experts)
         with torch.no_grad():
             logps[experts] = torch.log_softmax(model(ids).logits.float(), -1)
-    return {f"{e}_vs_eager_max_abs_logprob_gap": (logps[e] - logps["eager"]).abs().max().item() for e in EXPERTS}
+    return {f"{e}_vs_eager_max_abs_logprob_gap": (logps[e] - logps["eager"]).abs().max().item()
+            for e in EXPERTS if e != "eager"}
 
 
 def gap_summary(logps: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
@@ -128,8 +125,8 @@ def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int, dty
             if variant == FUSED_HEAD[0]:
                 add_fused_lm_head(model, outputs=("log_probs", "entropy"))
             for label, sequences in sampled.items():
-                logps = token_logprobs(model, [(p, c) for p, c, _ in sequences], fused_head=variant in FUSED_HEAD,
-                                       head_device_guard=variant == FUSED_HEAD[1])
+                with on_output_head_device(model) if variant == FUSED_HEAD[1] else nullcontext():
+                    logps = [completion_logprobs(model, p, c, fused_head=variant in FUSED_HEAD) for p, c, _ in sequences]
                 if variant == "eager":
                     eager_logps[dtype, label] = logps
                 results[f"{label} vs trainer {dtype} {variant}"] = gap_summary(logps, [lp for *_, lp in sequences])
