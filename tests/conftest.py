@@ -72,7 +72,9 @@ def server_env(model: Path, port: int, **overrides) -> dict:
     env.update({"MODEL_NAME": str(model), "VLLM_SERVER_PORT": str(port), "VLLM_HOST": "127.0.0.1",
                 "VLLM_TENSOR_PARALLEL_SIZE": "1", "VLLM_DTYPE": "float32", "VLLM_MAX_MODEL_LEN": "512",
                 "VLLM_MAX_LORA_RANK": "8", "VLLM_MAX_LORAS": "2", "VLLM_API_KEY": API_KEY,
-                "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+                "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+                # CUDA graphs are a GPU feature; on the CPU build compilation would only lengthen each start
+                "VLLM_ENFORCE_EAGER": "true"})
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

@@ -31,6 +31,7 @@ def test_environment_overrides_are_typed():
     ({"LORA_RANK": "0"}, "LORA_RANK='0'"),
     ({"TEMPERATURE": "hot"}, "TEMPERATURE='hot': expected a number"),
     ({"LOSS_TYPE": "ppo"}, "LOSS_TYPE='ppo': must be one of grpo, dapo, dr_grpo, bnpo"),
+    ({"IMPORTANCE_SAMPLING": "tis"}, "IMPORTANCE_SAMPLING='tis': must be one of token_truncate,"),
     ({"TORCH_DTYPE": "bf16"}, "TORCH_DTYPE='bf16': must be one of bfloat16, float32"),
     ({"NUM_GENERATIONS": "3"}, "must be a multiple of NUM_GENERATIONS=3"),
     ({"REWARD_WEIGHTS": "1,2,3"}, "REWARD_WEIGHTS has 3 values but REWARD_FUNCS names 2"),
@@ -70,3 +71,23 @@ def test_bad_env_stops_the_entry_script_with_exit_2(tmp_path):
                                             "RUNS_DIR": str(tmp_path)})
     assert result.returncode == 2
     assert "LORA_RANK='-1'" in result.stderr and "fix them in .env" in result.stderr
+
+
+@pytest.mark.parametrize("value, correction, mode", [
+    ("token_truncate", True, "token_truncate"), ("sequence_mask", True, "sequence_mask"), ("off", False, None)])
+def test_importance_sampling_reaches_trl(value, correction, mode):
+    from trainer.train_grpo_vllm import grpo_config
+
+    args = grpo_config(Settings.from_env({"IMPORTANCE_SAMPLING": value}), use_cpu=True)
+    assert args.vllm_importance_sampling_correction is correction
+    assert mode is None or args.vllm_importance_sampling_mode == mode
+
+
+def test_flex_attention_on_a_model_split_over_gpus_is_refused_before_loading(monkeypatch):
+    import torch
+
+    from trainer.model import load_model
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # what the trainer container sees
+    with pytest.raises(SettingsError, match="ATTN_IMPLEMENTATION=flex_attention .* use eager"):
+        load_model("not/loaded", "bfloat16", "flex_attention", 30, gradient_checkpointing=True)

@@ -120,7 +120,7 @@ DEFAULT_COMMAND = [
     "--port", "8000", "--tensor-parallel-size", "2", "--dtype", "auto", "--max-model-len", "4096",
     "--max-num-seqs", "16", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
     "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--logprobs-mode", "processed_logprobs",
-    "--enforce-eager"]
+    "--compilation-config", '{"pass_config":{"fuse_allreduce_rms":false}}']
 
 
 def test_server_command_from_env_example():
@@ -129,16 +129,26 @@ def test_server_command_from_env_example():
 
 
 def test_server_command_from_overrides():
-    command = serve.build_command({"VLLM_KV_CACHE_DTYPE": "fp8", "VLLM_ENFORCE_EAGER": "false",
+    command = serve.build_command({"VLLM_KV_CACHE_DTYPE": "fp8", "VLLM_ENFORCE_EAGER": "true",
                                    "VLLM_ATTENTION_BACKEND": "FLASH_ATTN", "VLLM_MAX_LORA_RANK": "16",
                                    "VLLM_EXTRA_ARGS": "--seed 7 --served-model-name gpt"}, gpus=2)
     assert command[command.index("--kv-cache-dtype") + 1] == "fp8"
-    assert "--enforce-eager" not in command
+    assert "--enforce-eager" in command and "--compilation-config" not in command  # eager compiles nothing
     assert command[command.index("--attention-backend") + 1] == "FLASH_ATTN"
     assert command[command.index("--max-lora-rank") + 1] == "16"
     assert command[-4:] == ["--seed", "7", "--served-model-name", "gpt"]
     for wrong in ("--attn-impl", "--trust-remote-code"):
         assert wrong not in command
+
+
+def test_compilation_config_of_the_user_replaces_the_stacks(tmp_path):
+    # the .env line as a user writes it, through compose's own .env parser, into the entrypoint
+    line = """VLLM_EXTRA_ARGS=-cc '{"pass_config":{"fuse_allreduce_rms":false},"cudagraph_mode":"FULL"}'\n"""
+    env = compose_config(tmp_path, (REPO / ".env.example").read_text() + line)["services"]["vllm"]["environment"]
+    command = serve.build_command(env, gpus=2)
+    assert "--compilation-config" not in command
+    config = json.loads(command[command.index("-cc") + 1])
+    assert config == {"pass_config": {"fuse_allreduce_rms": False}, "cudagraph_mode": "FULL"}
 
 
 @pytest.mark.parametrize("env, gpus, fragment", [
@@ -148,6 +158,9 @@ def test_server_command_from_overrides():
     ({"VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, 2, "VLLM_GPU_MEMORY_UTILIZATION=1.5"),
     ({"VLLM_SERVER_PORT": "eighty"}, 2, "VLLM_SERVER_PORT='eighty': expected an integer"),
     ({"VLLM_ENFORCE_EAGER": "sometimes"}, 2, "VLLM_ENFORCE_EAGER='sometimes'"),
+    # JSON without single quotes: the shell-style split eats its double quotes (vLLM would fail to parse the rest)
+    ({"VLLM_EXTRA_ARGS": '--compilation-config {"pass_config":{}}'}, 2, "put JSON values in single quotes"),
+    ({"VLLM_EXTRA_ARGS": "--served-model-name 'gpt"}, 2, "quotes must be balanced"),
 ])
 def test_server_rejects_wrong_values(env, gpus, fragment):
     with pytest.raises(serve.ConfigError) as err:

@@ -9,6 +9,8 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .config import SettingsError
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,12 @@ def load_tokenizer(model_name: str):
 
 def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
                gradient_checkpointing: bool):
+    if attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
+        # seen on 2 x H100 with transformers 5.17: its padding mask stays on the first GPU, and Inductor cannot
+        # lower the flex kernel of a layer on the second ("Buffers cannot be created while lowering a pointwise
+        # subgraph"); the first micro-step fails after a whole generation
+        raise SettingsError("ATTN_IMPLEMENTATION=flex_attention fails with the model's layers spread over several "
+                            "GPUs (transformers builds its mask on the first): use eager")
     config = AutoConfig.from_pretrained(model_name)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
     quantization = getattr(config, "quantization_config", None) or {}

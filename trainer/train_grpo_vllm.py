@@ -45,7 +45,8 @@ def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
         learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps,
         max_steps=s.max_steps, reward_weights=list(s.reward_weights) or None,
         use_vllm=True, vllm_mode="server", vllm_server_host=s.vllm_server_host, vllm_server_port=s.vllm_server_port,
-        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_correction=s.importance_sampling != "off",
+        vllm_importance_sampling_mode=s.importance_sampling if s.importance_sampling != "off" else "token_truncate",
         # TRL would add gpt-oss's MoE load-balancing loss (coefficient 0.9 from its config): with the router frozen
         # and LoRA on attention only, it would only bend the adapters toward reshaping expert routing.
         router_aux_loss_coef=0.0,

@@ -7,10 +7,12 @@
 Every setting is an environment variable (see .env.example); a wrong value stops the start with a message naming
 it. The API key (VLLM_API_KEY) is passed to vLLM through its environment, never the command line.
 Runtime LoRA loading and `--logprobs-mode processed_logprobs` are always on: the trainer depends on both.
+CUDA graphs are on (VLLM_ENFORCE_EAGER=false) with one compilation pass off (COMPILATION_CONFIG, below).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -24,6 +26,10 @@ OWN_SETTINGS = ("VLLM_TENSOR_PARALLEL_SIZE", "VLLM_SERVER_PORT", "VLLM_HOST", "V
                 "VLLM_MAX_NUM_SEQS", "VLLM_GPU_MEMORY_UTILIZATION", "VLLM_KV_CACHE_DTYPE", "VLLM_MAX_LORA_RANK",
                 "VLLM_MAX_LORAS", "VLLM_ENFORCE_EAGER", "VLLM_ATTENTION_BACKEND", "VLLM_EXTRA_ARGS", "VLLM_API_KEY")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# With CUDA graphs vLLM 0.26.0 compiles the model and, at TP 2, picks FlashInfer's all-reduce + RMSNorm fusion,
+# which crashed with an illegal memory access on 2 x H200. Without that one pass, CUDA graphs ran the stack's step
+# on 2 x H100 at 2.8k tok/s, 13x eager mode (BENCHMARKS.md).
+COMPILATION_CONFIG = '{"pass_config":{"fuse_allreduce_rms":false}}'
 
 
 class ConfigError(ValueError):
@@ -104,12 +110,32 @@ def build_command(env: dict[str, str], gpus: int | None) -> list[str]:
         "--max-loras", str(_int(env, "VLLM_MAX_LORAS", 2, 1)),
         "--logprobs-mode", "processed_logprobs",
     ]
-    if _bool(env, "VLLM_ENFORCE_EAGER", True):
+    extra = extra_args(env)
+    if _bool(env, "VLLM_ENFORCE_EAGER", False):
         command.append("--enforce-eager")
+    elif not any(arg.startswith(("--compilation-config", "-cc")) for arg in extra):  # the user's own wins
+        command += ["--compilation-config", COMPILATION_CONFIG]
     if backend := env.get("VLLM_ATTENTION_BACKEND", "").strip():
         command += ["--attention-backend", backend]
-    command += shlex.split(env.get("VLLM_EXTRA_ARGS", ""))
-    return command
+    return command + extra
+
+
+def extra_args(env: dict[str, str]) -> list[str]:
+    """VLLM_EXTRA_ARGS split as a shell would. JSON values (--compilation-config, --speculative-config, ...) must
+    sit in single quotes: unquoted, the shell-style split eats their double quotes and vLLM rejects what is left."""
+    raw = env.get("VLLM_EXTRA_ARGS", "")
+    try:
+        args = shlex.split(raw)
+    except ValueError as exc:
+        raise ConfigError(f"VLLM_EXTRA_ARGS={raw!r}: {exc} (quotes must be balanced)") from None
+    for arg in args:
+        if arg.startswith("{"):
+            try:
+                json.loads(arg)
+            except ValueError:
+                raise ConfigError(f"VLLM_EXTRA_ARGS: {arg!r} is not JSON; put JSON values in single quotes, e.g. "
+                                  f"--compilation-config '{COMPILATION_CONFIG}'") from None
+    return args
 
 
 def server_environment(env: dict[str, str]) -> dict[str, str]:

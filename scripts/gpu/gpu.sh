@@ -66,9 +66,10 @@ kill_vllm() {  # the whole process group (API server and TP workers), as a crash
   sleep 3
 }
 
-wait_health() {  # [TIMEOUT_S] [PORT] [LOG]
-  local deadline=$((SECONDS + ${1:-400})) port=${2:-$PORT} log=${3:-/tmp/vllm.log}
+wait_health() {  # [TIMEOUT_S] [PORT] [LOG] [PID_FILE]
+  local deadline=$((SECONDS + ${1:-400})) port=${2:-$PORT} log=${3:-/tmp/vllm.log} pid_file=${4:-/tmp/vllm.pid}
   until curl -sf "localhost:$port/health" > /dev/null; do
+    if ! kill -0 "$(cat "$pid_file")" 2> /dev/null; then echo "vLLM on $port exited"; tail -50 "$log"; return 1; fi
     if ((SECONDS > deadline)); then echo "vLLM on $port not healthy"; tail -50 "$log"; return 1; fi
     sleep 3
   done
@@ -119,7 +120,7 @@ case "${1:-}" in
       cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
-    run=$(ls -d /tmp/runs/*/ | head -1)
+    run=$(ls -td /tmp/runs*/*/ | head -1)  # this call's run (RUNS_DIR=/tmp/runs-... keeps runs apart)
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
     python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
@@ -142,8 +143,9 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
       unset $(cd "$REPO/docker/vllm" && python3 -c "import serve; print(*serve.OWN_SETTINGS)")
       echo "variant $label: ${command[*]}" | tee -a "$OUT/variants.log"
       VLLM_ALLOW_RUNTIME_LORA_UPDATING=True setsid "${command[@]}" > "/tmp/vllm-$label.log" 2>&1 &
+      echo $! > "/tmp/vllm-$label.pid"
     )
-    wait_health 420 "$port" "/tmp/vllm-$label.log" | tee -a "$OUT/variants.log"
+    wait_health 420 "$port" "/tmp/vllm-$label.log" "/tmp/vllm-$label.pid" | tee -a "$OUT/variants.log"
     cp "/tmp/vllm-$label.log" "$OUT/" ;;
   agreement)
     args=(--url "compose=http://127.0.0.1:$PORT")
@@ -153,7 +155,7 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" "${args[@]}" \
       2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
   bench-generation)
-    adapter=$(ls -d /tmp/runs/*/checkpoint-* | sort -t- -k2 -n | tail -1)
+    adapter=$(ls -d /tmp/runs*/*/checkpoint-* | sort -t- -k2 -n | tail -1)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_generation.py" "$adapter" \
       --url "http://127.0.0.1:$PORT" --label "$2" "${@:3}" 2>&1 | tee -a "$OUT/bench-generation.jsonl" ;;
   bench)
