@@ -124,18 +124,26 @@ def test_reasoning_effort_reaches_the_chat_template(tiny_model):
         "plus what is 2"
 
 
-@pytest.mark.parametrize("gap, warned", [(0.05, False), (18.5, True)])
-def test_a_large_vllm_trainer_logprob_gap_is_warned_about(tmp_path, caplog, gap, warned):
+@pytest.mark.parametrize("gap, weight, warning", [
+    (0.05, 0.98, None),
+    (18.5, 0.0, "logprobs of the sampled tokens differ by"),
+    (0.06, 0.0022, "importance-sampling weights average 0.0022"),  # TRL's sequence_mask at 3.6k tokens on H100
+])
+def test_a_large_vllm_trainer_logprob_gap_is_warned_about(tmp_path, caplog, gap, weight, warning):
     from types import SimpleNamespace
 
     from trainer.generation import StepTimings
     from trainer.run_log import MicroStepMemory, RunLogger
 
+    caplog.set_level("INFO")
     logger = RunLogger(tmp_path, SimpleNamespace(take_timings=StepTimings), MicroStepMemory(1, tmp_path),
                        extra_counters=dict, pending={})
     state = SimpleNamespace(global_step=1, max_steps=2)
     logger.on_train_begin(None, SimpleNamespace(global_step=0), None)
     logger.on_step_begin(None, state, None)
-    logger.on_log(None, state, None, logs={"reward": 0.5, "sampling/sampling_logp_difference/mean": gap})
-    assert ("logprobs of the sampled tokens differ by" in caplog.text) == warned
+    logger.on_log(None, state, None, logs={"reward": 0.5, "sampling/sampling_logp_difference/mean": gap,
+                                           "sampling/importance_sampling_ratio/mean": weight})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (warning is not None) and all(warning in w for w in warnings)
+    assert f"IS weight {weight:.2f}" in caplog.text  # in the step line
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["sampling/sampling_logp_difference/mean"] == gap

@@ -92,6 +92,9 @@ def _fmt_seconds(seconds: float) -> str:
 # above this means vLLM and the trainer compute different functions, and TRL's importance-sampling correction then
 # weights the tokens near 0.
 LOGP_GAP_WARNING_NATS = 1.0
+# Token-level weights stay near 1 at such gaps; per-completion weights (IMPORTANCE_SAMPLING=sequence_*) multiply the
+# small per-token gaps and averaged 0.002 at 3.6k tokens on H100 (BENCHMARKS.md): the gradient shrinks as much.
+IMPORTANCE_WEIGHT_WARNING = 0.5
 
 
 class RunLogger(TrainerCallback):
@@ -143,6 +146,12 @@ class RunLogger(TrainerCallback):
                         "(expected below %.1f): the importance-sampling correction gives them almost no weight, so "
                         "this step learned little. Check that both services load the same MODEL_NAME; see README, "
                         "Troubleshooting", gap, LOGP_GAP_WARNING_NATS)
+        weight = record.get("sampling/importance_sampling_ratio/mean", 1.0)
+        if gap <= LOGP_GAP_WARNING_NATS and weight < IMPORTANCE_WEIGHT_WARNING:
+            log.warning("importance-sampling weights average %.3g though vLLM's and the trainer's logprobs agree "
+                        "(gap %.2f nats): this step's gradient shrank about as much. Per-completion weights "
+                        "(IMPORTANCE_SAMPLING=sequence_*) do this on long completions; use token_truncate",
+                        weight, gap)
 
     def format_line(self, r: dict, state) -> str:
         done = state.global_step - self.first_step
@@ -155,7 +164,8 @@ class RunLogger(TrainerCallback):
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
                 f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
                 f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "
-                f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e} | "
+                f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e}, "
+                f"IS weight {r.get('sampling/importance_sampling_ratio/mean', float('nan')):.2f} | "
                 f"peak {memory} GiB | {r['adapter']}")
 
 

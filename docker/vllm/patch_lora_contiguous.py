@@ -2,11 +2,11 @@
 """Build-time patch of vLLM 0.26.0: let the LoRA shrink kernel take non-contiguous inputs.
 
 vLLM's gpt-oss MoE block returns `experts(...)[:, :hidden_size]`, a strided view (the MXFP4 kernels pad the
-hidden size); without torch.compile (`--enforce-eager`) it reaches the next layer's qkv projection as is, and with
-LoRA enabled the Triton shrink op fails `assert inputs.is_contiguous()` on the first request: the engine dies
-(seen on 2x H200, BENCHMARKS.md). A contiguous copy of the activation (tokens x 2880 values) is what the kernel
-needs; upstream proposes the same change (vllm-project/vllm#35889, #36187). The build fails if the line is not
-found, so a vLLM upgrade forces a fresh look.
+hidden size); without torch.compile (`--enforce-eager`, VLLM_ENFORCE_EAGER=true) it reaches the next layer's qkv
+projection as is, and with LoRA enabled the Triton shrink op fails `assert inputs.is_contiguous()` on the first
+request: the engine dies (seen on 2x H200, BENCHMARKS.md). A contiguous copy of the activation (tokens x 2880
+values) is what the kernel needs; upstream proposes the same change (vllm-project/vllm#35889, #36187). The build
+fails if the line is not found, so a vLLM upgrade forces a fresh look.
 
     python patch_lora_contiguous.py [SITE_PACKAGES]
 """
