@@ -57,6 +57,7 @@ def test_compose_with_env_example(tmp_path):
         assert devices["capabilities"] == ["gpu"] and devices["device_ids"] == ["0", "1"]
         assert service["ipc"] == "host" and service["init"] is True
     assert trainer["environment"]["VLLM_SERVER_HOST"] == "vllm"
+    assert vllm["environment"]["VLLM_CACHE_ROOT"].startswith("/workspace/hf-cache/")  # compile cache on the volume
     assert trainer["environment"]["MODEL_NAME"] == vllm["environment"]["MODEL_NAME"] == "openai/gpt-oss-20b"
     # .env values reach the containers as the trainer's own defaults, backslashes and all
     assert trainer["environment"]["SYSTEM_PROMPT"] == Settings().system_prompt

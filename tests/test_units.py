@@ -129,7 +129,7 @@ def test_reasoning_effort_reaches_the_chat_template(tiny_model):
     (18.5, 0.0, "logprobs of the sampled tokens differ by"),
     (0.06, 0.0022, "importance-sampling weights average 0.0022"),  # TRL's sequence_mask at 3.6k tokens on H100
 ])
-def test_a_large_vllm_trainer_logprob_gap_is_warned_about(tmp_path, caplog, gap, weight, warning):
+def test_logprob_gap_and_collapsed_importance_weights_are_warned_about(tmp_path, caplog, gap, weight, warning):
     from types import SimpleNamespace
 
     from trainer.generation import StepTimings

@@ -4,10 +4,10 @@ and scales (uint8), everything else bf16, with its `quantization_config`; plus a
 whole vocabulary. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer the same
 dequantizing load.
 
-    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda] [--dense-copy DENSE_DIR]
+    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
 
-`--dense-copy` also writes the same model with its experts dequantized to plain bf16 weights (no
-`quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
+`write_dense_copy` (`gpu.sh dense-copy`) writes the same model with its experts dequantized to plain bf16 weights
+(no `quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
 comparison.
 
 Random weights need care to be well conditioned. `--head-std` and `--router-std` spread the logits and the router's
@@ -147,15 +147,12 @@ def main() -> None:
     parser.add_argument("--expert-scale-exp", type=int,
                         help="MXFP4 scale of every expert block, 2^this: expert weights up to 6 x 2^this "
                              "(default -9; -7 with --tiny)")
-    parser.add_argument("--dense-copy", type=Path, help="also write the model with bf16 experts here")
     args = parser.parse_args()
     init_std = args.init_std if args.init_std is not None else (0.02 if args.tiny else 0.004)
     expert_scale_exp = args.expert_scale_exp if args.expert_scale_exp is not None else (-7 if args.tiny else -9)
     build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, init_std, args.head_std,
           args.router_std, expert_scale_exp)
     print(f"wrote {args.out}")
-    if args.dense_copy:
-        print(f"wrote {write_dense_copy(args.out, args.dense_copy)}")
 
 
 if __name__ == "__main__":
