@@ -23,24 +23,13 @@ from .run_log import MicroStepMemory
 from .vllm_client import VLLMServerClient
 
 
-class AdapterSyncGRPOTrainer(GRPOTrainer):
-    def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
-                 stop_requested: Callable[[], bool], **kwargs):
+class MeasuredGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer, reporting each micro-step's peak GPU memory, with the layers free to span GPUs."""
+
+    def __init__(self, **kwargs):
         args = kwargs["args"]
         self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir))
-
-        def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
-            publisher = AdapterPublisher(model, client, adapters_dir)
-            publisher.remove_leftovers()
-            return ServerGeneration(
-                client, publisher, lambda: self.state.global_step,
-                max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-                wait_timeout=wait_timeout, stop_requested=stop_requested)
-
-        # GRPOTrainer.__init__ builds its vLLM backend from this module-level name (and would open an NCCL group
-        # to the server); swapping the name for the length of __init__ is the one seam TRL offers.
-        with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
-            super().__init__(**kwargs)
+        super().__init__(**kwargs)
 
     def _prepare_inputs(self, generation_batch):
         self._micro_batch = super()._prepare_inputs(generation_batch)
@@ -60,6 +49,27 @@ class AdapterSyncGRPOTrainer(GRPOTrainer):
         tokens = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
         self.memory.record(self.state.global_step, sequences=batch["completion_mask"].shape[0], tokens=tokens)
         return loss
+
+
+class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
+    """Samples from the vLLM server over HTTP and syncs weights by registering each step's LoRA adapter."""
+
+    def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
+                 stop_requested: Callable[[], bool], **kwargs):
+        args = kwargs["args"]
+
+        def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
+            publisher = AdapterPublisher(model, client, adapters_dir)
+            publisher.remove_leftovers()
+            return ServerGeneration(
+                client, publisher, lambda: self.state.global_step,
+                max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+                wait_timeout=wait_timeout, stop_requested=stop_requested)
+
+        # GRPOTrainer.__init__ builds its vLLM backend from this module-level name (and would open an NCCL group
+        # to the server); swapping the name for the length of __init__ is the one seam TRL offers.
+        with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
+            super().__init__(**kwargs)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -115,14 +115,14 @@ def two_layer_shape(checkpoint: Path, vocab_size: int = 4096) -> dict:
             "vocab_size": vocab_size}
 
 
-def write_dense_copy(checkpoint: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def write_dense_copy(checkpoint: Path, out: Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> Path:
     """The checkpoint with its MXFP4 experts dequantized by transformers (the trainer's load), saved unquantized."""
     import shutil
 
     from transformers import AutoModelForCausalLM, Mxfp4Config
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=Mxfp4Config(dequantize=True),
-                                                 dtype=dtype)
+                                                 dtype=dtype, device_map=device)
     shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     config = json.loads((out / "config.json").read_text())
     del config["quantization_config"]

@@ -22,6 +22,12 @@
 #                     server on $PORT and each variant named; other arguments go to the script
 #   gpu.sh dense-copy write $CKPT-dense: the same model with bf16 experts (then `restart-vllm MODEL_NAME=$CKPT-dense`
 #                     and `agreement` again take vLLM's MXFP4 MoE kernel out of the comparison)
+#   gpu.sh trl-serve [ARGS]
+#                     TRL's usual layout, server side: stop vLLM and serve $CKPT-dense (`dense-copy` first: TRL syncs
+#                     bf16 weights, which an MXFP4 server cannot take) with `trl vllm-serve` on GPU 0 alone, TP 1
+#   gpu.sh train-trl-layout [NAME=VALUE ...]
+#                     `train`, but TRL's usual layout: the whole model on GPU 1, merged weights synced over NCCL each
+#                     step (scripts/gpu/trl_usual_layout.py); same settings, step line and results files
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
@@ -95,7 +101,7 @@ case "${1:-}" in
     wait_health 420
     cp /tmp/vllm.log "$OUT/vllm-setup.log"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
-  train)
+  train|train-trl-layout)
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv,noheader -lms 2000 \
       > /tmp/gpu-memory.csv &
     sampler=$!
@@ -116,18 +122,35 @@ case "${1:-}" in
       eval "$(env_example)"
       # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
-        DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="/tmp/trainer-site:$REPO" "${@:2}"
-      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 train_grpo_vllm.py
+        DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="/tmp/trainer-site:$REPO"
+      entry=$REPO/trainer/train_grpo_vllm.py
+      if [[ $1 == train-trl-layout ]]; then  # the whole model on the second GPU; TRL's client imports vLLM
+        export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70 PYTHONPATH="$PYTHONPATH:/tmp/b/site:/tmp/site2"
+        entry=$REPO/scripts/gpu/trl_usual_layout.py
+      fi
+      if (($# > 1)); then export "${@:2}"; fi
+      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 "$entry"  # the image's WORKDIR
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
     run=$(ls -td /tmp/runs*/*/ | head -1)  # this call's run (RUNS_DIR=/tmp/runs-... keeps runs apart)
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
     python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+  trl-serve)
+    kill_vllm; SECONDS=0
+    (
+      export CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/b/site:/tmp/site2:/tmp/trainer-site
+      # TRL's defaults (whole GPU at 0.9, CUDA graphs) but the stack's sequence cap and context
+      setsid python3 -m trl.scripts.vllm_serve --model "$CKPT-dense" --port "$PORT" --max_model_len 4096 \
+        --max-num-seqs 16 "${@:2}" > /tmp/vllm.log 2>&1 &
+      echo $! > /tmp/vllm.pid
+    )
+    wait_health 420
+    cp /tmp/vllm.log "$OUT/vllm-trl-serve.log" ;;
   dense-copy)
     PYTHONPATH="/tmp/trainer-site:$REPO" python3 -c "from pathlib import Path
 from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
-print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense')))" ;;
+print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda'))" ;;
   serve-variant)
     label=$2 port=$3 gib=$4
     (
