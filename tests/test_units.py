@@ -124,26 +124,42 @@ def test_reasoning_effort_reaches_the_chat_template(tiny_model):
         "plus what is 2"
 
 
+def log_one_step(run_dir, logs: dict) -> None:
+    """The run logger's work for one step with `logs` as TRL's metrics (its line goes to the log)."""
+    from types import SimpleNamespace
+
+    from trainer.generation import StepTimings
+    from trainer.run_log import MicroStepMemory, RunLogger
+
+    logger = RunLogger(run_dir, SimpleNamespace(take_timings=StepTimings), MicroStepMemory(1, run_dir),
+                       extra_counters=dict, pending={})
+    state = SimpleNamespace(global_step=1, max_steps=2)
+    logger.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    logger.on_step_begin(None, state, None)
+    logger.on_log(None, state, None, logs=logs)
+
+
 @pytest.mark.parametrize("gap, weight, warning", [
     (0.05, 0.98, None),
     (18.5, 0.0, "logprobs of the sampled tokens differ by"),
     (0.06, 0.0022, "importance-sampling weights average 0.0022"),  # TRL's sequence_mask at 3.6k tokens on H100
 ])
 def test_logprob_gap_and_collapsed_importance_weights_are_warned_about(tmp_path, caplog, gap, weight, warning):
-    from types import SimpleNamespace
-
-    from trainer.generation import StepTimings
-    from trainer.run_log import MicroStepMemory, RunLogger
-
     caplog.set_level("INFO")
-    logger = RunLogger(tmp_path, SimpleNamespace(take_timings=StepTimings), MicroStepMemory(1, tmp_path),
-                       extra_counters=dict, pending={})
-    state = SimpleNamespace(global_step=1, max_steps=2)
-    logger.on_train_begin(None, SimpleNamespace(global_step=0), None)
-    logger.on_step_begin(None, state, None)
-    logger.on_log(None, state, None, logs={"reward": 0.5, "sampling/sampling_logp_difference/mean": gap,
-                                           "sampling/importance_sampling_ratio/mean": weight})
+    log_one_step(tmp_path, {"reward": 0.5, "sampling/sampling_logp_difference/mean": gap,
+                            "sampling/importance_sampling_ratio/mean": weight})
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == (warning is not None) and all(warning in w for w in warnings)
     assert f"IS weight {weight:.2f}" in caplog.text  # in the step line
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["sampling/sampling_logp_difference/mean"] == gap
+
+
+@pytest.mark.parametrize("reward, std, shown", [
+    (0.984, 0.015, "reward 0.984 ± 0.015"),
+    (0.00017, 0.00025, "reward 1.7e-04 ± 2.5e-04"),  # a random-weight model on H100: not a run that earns nothing
+    (0.0, 0.0, "reward 0.000 ± 0.000"),
+])
+def test_step_line_shows_small_rewards(tmp_path, caplog, reward, std, shown):
+    caplog.set_level("INFO")
+    log_one_step(tmp_path, {"reward": reward, "reward_std": std})
+    assert shown in caplog.text

@@ -12,6 +12,7 @@ import time
 from transformers import TrainerCallback
 
 from .data import prompt_token_ids
+from .run_log import format_reward
 
 log = logging.getLogger("trainer")
 
@@ -56,7 +57,7 @@ class Evaluator(TrainerCallback):
         metrics["eval/completions/clipped_ratio"] = sum(c.finish_reason == "length" for c in completions) / len(completions)
         metrics["eval/completions/mean_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
         metrics["eval/seconds"] = time.perf_counter() - start
-        log.info("eval at step %d on %d held-out prompts | reward %.3f ± %.3f | clipped %.2f | len %.0f", step,
-                 len(texts), mean, metrics["eval/reward_std"], metrics["eval/completions/clipped_ratio"],
+        log.info("eval at step %d on %d held-out prompts | reward %s ± %s | clipped %.2f | len %.0f", step,
+                 len(texts), format_reward(mean), format_reward(metrics["eval/reward_std"]), metrics["eval/completions/clipped_ratio"],
                  metrics["eval/completions/mean_length"])
         return metrics

@@ -159,7 +159,7 @@ class RunLogger(TrainerCallback):
         eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
         memory = "/".join(f"{v:.1f}" for k, v in r.items() if k.startswith("memory/peak_gib/"))
         return (f"step {r['step']}/{r['max_steps']} | eta {_fmt_seconds(eta) if math.isfinite(eta) else '?'} | "
-                f"reward {r['reward']:.3f} ± {r.get('reward_std', float('nan')):.3f} | "
+                f"reward {format_reward(r['reward'])} ± {format_reward(r.get('reward_std', float('nan')))} | "
                 f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
                 f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
@@ -167,6 +167,11 @@ class RunLogger(TrainerCallback):
                 f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e}, "
                 f"IS weight {r.get('sampling/importance_sampling_ratio/mean', float('nan')):.2f} | "
                 f"peak {memory} GiB | {r['adapter']}")
+
+
+def format_reward(value: float) -> str:
+    """Three decimals, or two significant digits when smaller (0.00017 must not read as 0.000 and a failed run)."""
+    return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
 
 
 def _json_default(value):

@@ -32,7 +32,8 @@
 #                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
 #
 # Environment: OUT (files to bring back, default /tmp/out), CKPT (the checkpoint, /tmp/ckpt), PORT (vLLM's, 8000),
-# TRAIN_TIMEOUT (seconds before `train` stops the trainer with SIGTERM, 520).
+# TRAIN_TIMEOUT (seconds before `train` stops the trainer with SIGTERM, 520), TRL_SERVE_MODEL (what `trl-serve`
+# serves, $CKPT-dense; $CKPT shows that TRL's sync cannot update an MXFP4 server).
 # NVLink multicast stays off in every process (it can take a shared host's GPUs out of service).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -141,7 +142,7 @@ case "${1:-}" in
     (
       export CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/b/site:/tmp/site2:/tmp/trainer-site
       # TRL's defaults (whole GPU at 0.9, CUDA graphs) but the stack's sequence cap and context
-      setsid python3 -m trl.scripts.vllm_serve --model "$CKPT-dense" --port "$PORT" --max_model_len 4096 \
+      setsid python3 -m trl.scripts.vllm_serve --model "${TRL_SERVE_MODEL:-$CKPT-dense}" --port "$PORT" --max_model_len 4096 \
         --max-num-seqs 16 "${@:2}" > /tmp/vllm.log 2>&1 &
       echo $! > /tmp/vllm.pid
     )
