@@ -58,6 +58,6 @@ class Evaluator(TrainerCallback):
         metrics["eval/completions/mean_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
         metrics["eval/seconds"] = time.perf_counter() - start
         log.info("eval at step %d on %d held-out prompts | reward %s ± %s | clipped %.2f | len %.0f", step,
-                 len(texts), format_reward(mean), format_reward(metrics["eval/reward_std"]), metrics["eval/completions/clipped_ratio"],
-                 metrics["eval/completions/mean_length"])
+                 len(texts), format_reward(mean), format_reward(metrics["eval/reward_std"]),
+                 metrics["eval/completions/clipped_ratio"], metrics["eval/completions/mean_length"])
         return metrics

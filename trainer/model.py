@@ -50,8 +50,9 @@ def on_output_head_device(model):
     """Make the LM head's GPU the current one while TRL scores tokens. TRL 1.16's fused LM head launches its Triton
     kernel on the current CUDA device, not on its tensors' (no device guard); with the layers spread over two GPUs
     the head and its logits tile sit on the second while the first is current, and on 2 x H100 TRL's logprobs came
-    out 3.2 nats (mean; 27 max) away from the same model's plain forward, 0.034 with this guard (BENCHMARKS.md). Guarding the launch by
-    the tensors' device is the fix other Triton kernel libraries made for models spread by `device_map`."""
+    out 3.2 nats (mean; 27 max) away from the same model's plain forward, 0.034 with this guard (BENCHMARKS.md).
+    Guarding the launch by the tensors' device is the fix other Triton kernel libraries made for models spread by
+    `device_map`."""
     head = model.get_output_embeddings().weight.device
     return torch.cuda.device(head) if head.type == "cuda" else nullcontext()
 

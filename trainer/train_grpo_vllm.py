@@ -102,8 +102,7 @@ def train(s: Settings, stop: GracefulStop) -> int:
     check_server(s, client)
 
     tokenizer = load_tokenizer(s.model_name)
-    dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
-    dataset = drop_long_prompts(dataset, tokenizer, s.max_prompt_length, s.chat_template_kwargs)
+    dataset = training_prompts(s, tokenizer)
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
                        s.gradient_checkpointing)
     trainer = AdapterSyncGRPOTrainer(
@@ -167,6 +166,12 @@ def load_eval_prompts(s: Settings):
         return None
     dataset = load_prompts(name, s.dataset_config, s.eval_split, s.system_prompt)
     return dataset.select(range(min(s.eval_max_prompts, len(dataset))))
+
+
+def training_prompts(s: Settings, tokenizer):
+    """The training split, less the prompts longer than MAX_PROMPT_LENGTH."""
+    dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
+    return drop_long_prompts(dataset, tokenizer, s.max_prompt_length, s.chat_template_kwargs)
 
 
 def drop_long_prompts(dataset, tokenizer, max_prompt_length: int, chat_template_kwargs: dict):

@@ -21,13 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from trainer.config import Settings  # noqa: E402
-from trainer.data import load_prompts  # noqa: E402
 from trainer.generation import StepTimings  # noqa: E402
 from trainer.grpo import MeasuredGRPOTrainer  # noqa: E402
 from trainer.model import load_model, load_tokenizer, lora_config  # noqa: E402
 from trainer.rewards import load_rewards  # noqa: E402
 from trainer.run_log import RunLogger, setup_logging  # noqa: E402
-from trainer.train_grpo_vllm import QuietProgress, drop_long_prompts, grpo_config  # noqa: E402
+from trainer.train_grpo_vllm import QuietProgress, grpo_config, training_prompts  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402
 
 log = logging.getLogger("trainer")
@@ -72,8 +71,7 @@ def main() -> int:
              s.num_generations, s.prompts_per_step, s.max_completion_length)
     reward_funcs = load_rewards(s.reward_funcs)
     tokenizer = load_tokenizer(s.model_name)
-    dataset = drop_long_prompts(load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt),
-                                tokenizer, s.max_prompt_length, s.chat_template_kwargs)
+    dataset = training_prompts(s, tokenizer)
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
                        s.gradient_checkpointing)
     trainer = MeasuredGRPOTrainer(
