@@ -1,5 +1,5 @@
 """Random-weight checkpoints for tests and benchmarks where no weights can be downloaded: a tiny dense model, and
-the word-level tokenizer (used by scripts/gpu/build_gpt_oss_checkpoint.py too) that covers the whole vocabulary,
+the word-level tokenizer (used by benchmarks/build_gpt_oss_checkpoint.py too) that covers the whole vocabulary,
 so every sampled ID decodes, and carries a ChatML template.
 """
 

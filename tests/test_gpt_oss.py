@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from trl import GRPOTrainer
 
 from conftest import REPO, start_server
-from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
-from scripts.gpu.logprob_agreement import completion_logprobs
+from benchmarks.build_gpt_oss_checkpoint import write_dense_copy
+from benchmarks.logprob_agreement import completion_logprobs
 from trainer.config import Settings
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
@@ -31,7 +31,7 @@ from trainer.train_grpo_vllm import grpo_config
 @pytest.fixture(scope="module")
 def mxfp4_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-mxfp4"
-    subprocess.run([sys.executable, str(REPO / "scripts/gpu/build_gpt_oss_checkpoint.py"), str(path), "--tiny"],
+    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny"],
                    check=True, capture_output=True)
     return path
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import API_KEY, run_trainer, start_trainer, trainer_env, wait_for
-from scripts.gpu.logprob_agreement import completion_logprobs
+from benchmarks.logprob_agreement import completion_logprobs
 
 pytestmark = pytest.mark.server
 

@@ -6,7 +6,7 @@ own client (the same requests a training step sends).
 2. For each concurrency C: C prompts of --prompt-len random token IDs, one request, --max-tokens new tokens
    each, through the adapter and through the base model: generated tokens per second of wall time.
 
-    python scripts/gpu/bench_generation.py ADAPTER_DIR --url http://127.0.0.1:8000 --concurrency 16 64
+    python benchmarks/bench_generation.py ADAPTER_DIR --url http://127.0.0.1:8000 --concurrency 16 64
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoConfig  # noqa: E402
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU proof of the stack on one 2-GPU machine with no network, in as few runs as possible (see BENCHMARKS.md).
+# The GPU benchmarks of BENCHMARKS.md on one 2-GPU host with the vLLM image's and the trainer image's packages
+# installed (VLLM_PYTHON, TRAINER_PYTHON: their interpreters, default python3). Each command is one question:
 #
-#   gpu.sh stash N    copy the carried bundle part .vcN/part to /tmp/parts/N (one run per part)
-#   gpu.sh setup      unpack the vLLM bundle and trainer wheels, build the gpt-oss-20b-shaped MXFP4
-#                     checkpoint, start vLLM with exactly the compose entrypoint's flags, wait for health
+#   gpu.sh setup      build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download), start vLLM with
+#                     exactly the compose entrypoint's flags, wait for health
 #   gpu.sh train [NAME=VALUE ...]
 #                     run the trainer container's entry (same settings path, .env.example values, overrides
-#                     after them) for a few steps against it, sampling per-process GPU memory; results to $OUT.
+#                     after them) against it, sampling per-process GPU memory; results to $OUT.
 #                     With KILL_VLLM_AFTER_ADAPTER=N, vLLM is killed 10 s after the Nth adapter this run registers
 #                     (the trainer's start registers two: a probe and policy-v0; so 2 kills it during step 1's
 #                     sampling, 3 during step 2's) and started again beside the trainer, with the overrides it last
@@ -16,9 +16,9 @@
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
 #                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
 #                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
-#   gpu.sh bench      attention and sequential-vs-batched comparisons (scripts/gpu/bench_trainer.py)
+#   gpu.sh bench      attention and sequential-vs-batched comparisons (benchmarks/bench_trainer.py)
 #   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
-#                     where vLLM's and the trainer's logprobs part (scripts/gpu/logprob_agreement.py), for the
+#                     where vLLM's and the trainer's logprobs part (benchmarks/logprob_agreement.py), for the
 #                     server on $PORT and each variant named; other arguments go to the script
 #   gpu.sh dense-copy write $CKPT-dense: the same model with bf16 experts (then `restart-vllm MODEL_NAME=$CKPT-dense`
 #                     and `agreement` again take vLLM's MXFP4 MoE kernel out of the comparison)
@@ -27,17 +27,20 @@
 #                     bf16 weights, which an MXFP4 server cannot take) with `trl vllm-serve` on GPU 0 alone, TP 1
 #   gpu.sh train-trl-layout [NAME=VALUE ...]
 #                     `train`, but TRL's usual layout: the whole model on GPU 1, merged weights synced over NCCL each
-#                     step (scripts/gpu/trl_usual_layout.py); same settings, step line and results files
+#                     step (benchmarks/trl_usual_layout.py); same settings, step line and results files
 #   gpu.sh bench-generation LABEL [ARGS]
-#                     adapter registration latency and generation tokens/s (scripts/gpu/bench_generation.py)
+#                     adapter registration latency and generation tokens/s (benchmarks/bench_generation.py)
 #
-# Environment: OUT (files to bring back, default /tmp/out), CKPT (the checkpoint, /tmp/ckpt), PORT (vLLM's, 8000),
+# Environment: OUT (result files, default /tmp/out), CKPT (the checkpoint, /tmp/ckpt), PORT (vLLM's, 8000),
 # TRAIN_TIMEOUT (seconds before `train` stops the trainer with SIGTERM, 520), TRL_SERVE_MODEL (what `trl-serve`
 # serves, $CKPT-dense; $CKPT shows that TRL's sync cannot update an MXFP4 server).
-# NVLink multicast stays off in every process (it can take a shared host's GPUs out of service).
+# On a GPU larger than 80 GB, vLLM's memory fraction is scaled so that it takes what it would take of an H100 80 GB.
+# NVLink multicast stays off in every process.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/out}
+VLLM_PYTHON=${VLLM_PYTHON:-python3}
+TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
 CKPT=${CKPT:-/tmp/ckpt}
 PORT=${PORT:-8000}
 mkdir -p "$OUT"
@@ -54,14 +57,14 @@ start_vllm() {  # [NAME=VALUE ...] overrides of .env.example; kept for a restart
   if (($#)); then printf '%q ' "$@"; fi > /tmp/vllm-overrides  # nothing when none (an empty '' breaks `export`)
   (
     eval "$(env_example)"
-    export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" PYTHONPATH=/tmp/b/site:/tmp/site2 "$@"
+    export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" "$@"
     # sized for 2 x H100 80 GB even on H200: vLLM takes this fraction of the whole card
     if (($(gpu_total_mib) > 100000)); then
       export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(gpu_total_mib) / 1024), 3))")
     fi
     echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
     echo "free MiB per GPU at start: $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | paste -sd/)"
-    setsid python3 "$REPO/docker/vllm/serve.py" >> /tmp/vllm.log 2>&1 &
+    setsid "$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" >> /tmp/vllm.log 2>&1 &
     echo $! > /tmp/vllm.pid  # serve.py execs the server: this is its pid and, by setsid, its process group
   )
 }
@@ -87,16 +90,8 @@ case "${1:-}" in
   restart-vllm)
     kill_vllm; SECONDS=0
     start_vllm "${@:2}"; wait_health 420 ;;
-  stash)
-    mkdir -p /tmp/parts && cp "$REPO/.vc$2/part" "/tmp/parts/$2" && ls -la /tmp/parts ;;
   setup)
-    start=$SECONDS
-    cat /tmp/parts/* > /tmp/b.tar.xz && mkdir -p /tmp/b && tar -C /tmp/b -xJf /tmp/b.tar.xz
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 /tmp/b/wheels/*.whl
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trainer-site "$REPO"/.whl/*.whl
-    python3 "$REPO/docker/vllm/patch_lora_contiguous.py" /tmp/b/site  # as the vLLM image does
-    echo "unpacked in $((SECONDS - start))s"
-    python3 "$REPO/scripts/gpu/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
     start_vllm
     wait_health 420
@@ -123,48 +118,49 @@ case "${1:-}" in
       eval "$(env_example)"
       # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
-        DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="/tmp/trainer-site:$REPO"
+        DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="$REPO"
       entry=$REPO/trainer/train_grpo_vllm.py
+      python=$TRAINER_PYTHON
       if [[ $1 == train-trl-layout ]]; then  # the whole model on the second GPU; TRL's client imports vLLM
-        export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70 PYTHONPATH="$PYTHONPATH:/tmp/b/site:/tmp/site2"
-        entry=$REPO/scripts/gpu/trl_usual_layout.py
+        export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70 python=$VLLM_PYTHON
+        entry=$REPO/benchmarks/trl_usual_layout.py
       fi
       if (($# > 1)); then export "${@:2}"; fi
-      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" python3 "$entry"  # the image's WORKDIR
+      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" "$python" "$entry"  # the image's WORKDIR
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
     run=$(ls -td /tmp/runs*/*/ | head -1)  # this call's run (RUNS_DIR=/tmp/runs-... keeps runs apart)
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
     cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
-    python3 "$REPO/scripts/gpu/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
   trl-serve)
     kill_vllm; SECONDS=0
     (
-      export CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/b/site:/tmp/site2:/tmp/trainer-site
+      export CUDA_VISIBLE_DEVICES=0
       # TRL's defaults (whole GPU at 0.9, CUDA graphs) but the stack's sequence cap and context
-      setsid python3 -m trl.scripts.vllm_serve --model "${TRL_SERVE_MODEL:-$CKPT-dense}" --port "$PORT" --max_model_len 4096 \
+      setsid "$VLLM_PYTHON" -m trl.scripts.vllm_serve --model "${TRL_SERVE_MODEL:-$CKPT-dense}" --port "$PORT" --max_model_len 4096 \
         --max-num-seqs 16 "${@:2}" > /tmp/vllm.log 2>&1 &
       echo $! > /tmp/vllm.pid
     )
     wait_health 420
     cp /tmp/vllm.log "$OUT/vllm-trl-serve.log" ;;
   dense-copy)
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 -c "from pathlib import Path
-from scripts.gpu.build_gpt_oss_checkpoint import write_dense_copy
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" -c "from pathlib import Path
+from benchmarks.build_gpt_oss_checkpoint import write_dense_copy
 print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda'))" ;;
   serve-variant)
     label=$2 port=$3 gib=$4
     (
       eval "$(env_example)"
-      export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$port" PYTHONPATH=/tmp/b/site:/tmp/site2 "${@:5}"
+      export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$port" "${@:5}"
       export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round($gib * 1024 / $(gpu_total_mib), 3))")
-      mapfile -t command < <(python3 "$REPO/docker/vllm/serve.py" --print-command)
+      mapfile -t command < <("$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" --print-command)
       if [[ "${LORA:-on}" == off ]]; then
         mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '/^--(max-lora-rank|max-loras)$/ {skip=1; next}
           skip {skip=0; next} $0 != "--enable-lora"')
       fi
       # serve.py's own settings stay out of vLLM's environment, as serve.py keeps them
-      unset $(cd "$REPO/docker/vllm" && python3 -c "import serve; print(*serve.OWN_SETTINGS)")
+      unset $(cd "$REPO/docker/vllm" && "$VLLM_PYTHON" -c "import serve; print(*serve.OWN_SETTINGS)")
       echo "variant $label: ${command[*]}" | tee -a "$OUT/variants.log"
       VLLM_ALLOW_RUNTIME_LORA_UPDATING=True setsid "${command[@]}" > "/tmp/vllm-$label.log" 2>&1 &
       echo $! > "/tmp/vllm-$label.pid"
@@ -176,14 +172,14 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
     for arg in "${@:2}"; do
       if [[ "$arg" =~ ^[a-z0-9_-]+=[0-9]+$ ]]; then args+=(--url "${arg%%=*}=http://127.0.0.1:${arg#*=}"); else args+=("$arg"); fi
     done
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/logprob_agreement.py" "$CKPT" "${args[@]}" \
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/logprob_agreement.py" "$CKPT" "${args[@]}" \
       2>&1 | tee -a "$OUT/logprob-agreement.log" ;;
   bench-generation)
     adapter=$(ls -d /tmp/runs*/*/checkpoint-* | sort -t- -k2 -n | tail -1)
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_generation.py" "$adapter" \
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_generation.py" "$adapter" \
       --url "http://127.0.0.1:$PORT" --label "$2" "${@:3}" 2>&1 | tee -a "$OUT/bench-generation.jsonl" ;;
   bench)
-    PYTHONPATH="/tmp/trainer-site:$REPO" python3 "$REPO/scripts/gpu/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -13,7 +13,7 @@
    other flags (`gpu.sh serve-variant`: LoRA off, another attention backend, TP 1, the dense copy) tell vLLM's
    paths apart in one run.
 
-    python scripts/gpu/logprob_agreement.py CHECKPOINT_DIR [--url LABEL=http://127.0.0.1:8000 ...]
+    python benchmarks/logprob_agreement.py CHECKPOINT_DIR [--url LABEL=http://127.0.0.1:8000 ...]
         [--dtypes bfloat16,float32]
 """
 
@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.gpu.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
+from benchmarks.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
 from trainer.model import load_model, on_output_head_device  # noqa: E402
 from trainer.vllm_client import VLLMServerClient  # noqa: E402
 

@@ -8,7 +8,7 @@
 2. Sequential backprop vs one batched step on the full checkpoint as the trainer loads it (MXFP4 dequantized to
    bf16, layers balanced over the GPUs, gradient checkpointing, rank-4 LoRA): peak memory and time.
 
-    python scripts/gpu/bench_trainer.py CHECKPOINT_DIR
+    python benchmarks/bench_trainer.py CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.gpu.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
+from benchmarks.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
 from trainer.model import load_model, lora_config  # noqa: E402
 
 

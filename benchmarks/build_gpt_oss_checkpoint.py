@@ -4,7 +4,7 @@ and scales (uint8), everything else bf16, with its `quantization_config`; plus a
 whole vocabulary. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer the same
 dequantizing load.
 
-    python scripts/gpu/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
+    python benchmarks/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
 
 `write_dense_copy` (`gpu.sh dense-copy`) writes the same model with its experts dequantized to plain bf16 weights
 (no `quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.random_models import save_word_tokenizer  # noqa: E402
 
 GPT_OSS_20B = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,

@@ -7,7 +7,7 @@ parameter to the server over NCCL (TRL's own `VLLMGeneration`). Everything else 
 settings (environment, `.env`), data, rewards, model loading, micro-step memory and run log, so the two step lines
 compare the layouts alone.
 
-    CUDA_VISIBLE_DEVICES=1 python3 scripts/gpu/trl_usual_layout.py   # settings as for trainer/train_grpo_vllm.py
+    CUDA_VISIBLE_DEVICES=1 python3 benchmarks/trl_usual_layout.py   # settings as for trainer/train_grpo_vllm.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.config import Settings  # noqa: E402
 from trainer.generation import StepTimings  # noqa: E402
 from trainer.grpo import MeasuredGRPOTrainer  # noqa: E402
