@@ -29,7 +29,11 @@ def test_environment_overrides_are_typed():
     ({"VLLM_SERVER_PORT": "http"}, "VLLM_SERVER_PORT='http': expected an integer"),
     ({"VLLM_SERVER_PORT": "70000"}, "VLLM_SERVER_PORT='70000': must be between 1 and 65535"),
     ({"LORA_RANK": "0"}, "LORA_RANK='0'"),
-    ({"TEMPERATURE": "hot"}, "TEMPERATURE='hot': expected a number"),
+    ({"TEMPERATURE": "hot"}, "TEMPERATURE='hot': expected a finite number"),
+    ({"BETA": "inf"}, "BETA='inf': expected a finite number"),
+    ({"LEARNING_RATE": "nan"}, "LEARNING_RATE='nan': expected a finite number"),
+    ({"SEED": str(2**32)}, "SEED='4294967296': must be between 0 and 4294967295"),
+    ({"VLLM_REQUEST_TIMEOUT": "1e300"}, "VLLM_REQUEST_TIMEOUT='1e300': must be between 1 and"),
     ({"LOSS_TYPE": "ppo"}, "LOSS_TYPE='ppo': must be one of grpo, dapo, dr_grpo, bnpo"),
     ({"IMPORTANCE_SAMPLING": "tis"}, "IMPORTANCE_SAMPLING='tis': must be one of token_truncate,"),
     ({"TORCH_DTYPE": "bf16"}, "TORCH_DTYPE='bf16': must be one of bfloat16, float32"),
@@ -52,6 +56,14 @@ def test_all_problems_reported_at_once():
     assert "LORA_RANK" in str(err.value) and "TOP_P" in str(err.value)
 
 
+@pytest.mark.parametrize("generations", ["0", "-4", "many"])
+def test_a_wrong_group_size_is_listed_with_the_others_not_divided_by(generations):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"NUM_GENERATIONS": generations, "GRADIENT_ACCUMULATION_STEPS": "7", "LOSS_TYPE": "x"})
+    assert err.value.problems[0].startswith(f"NUM_GENERATIONS={generations!r}")
+    assert len(err.value.problems) == 2 and "LOSS_TYPE='x'" in err.value.problems[1]
+
+
 def test_api_key_never_printed():
     assert "s3cret" not in Settings.from_env({"VLLM_API_KEY": "s3cret"}).describe()
 
@@ -63,6 +75,14 @@ def test_help_lists_every_setting_with_default():
     result = subprocess.run([sys.executable, str(REPO / "trainer/train_grpo_vllm.py"), "--help"],
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and "VLLM_SERVER_HOST" in result.stdout and "default: localhost" in result.stdout
+    lines = result.stdout.splitlines()
+    for name, allowed in [("LOSS_TYPE", "grpo, dapo, dr_grpo, bnpo"), ("TORCH_DTYPE", "bfloat16, float32"),
+                          ("LR_SCHEDULER", "constant, constant_with_warmup, linear, cosine"),
+                          ("IMPORTANCE_SAMPLING", "token_truncate, token_mask, sequence_truncate, sequence_mask, off"),
+                          ("REASONING_EFFORT", "(empty), low, medium, high"),
+                          ("REPORT_TO", "none, tensorboard, wandb, trackio")]:
+        line = next(line for line in lines if line.split()[:1] == [name])
+        assert line.endswith(f"allowed: {allowed}"), line
 
 
 def test_bad_env_stops_the_entry_script_with_exit_2(tmp_path):

@@ -8,6 +8,7 @@ at start, before a GPU is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -21,11 +22,20 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
 TORCH_DTYPES = ("bfloat16", "float32")
 REPORT_TARGETS = ("none", "tensorboard", "wandb", "trackio")
+MAX_SECONDS = 1e6  # longer waits overflow socket timeouts and sleeps
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class SettingsError(ValueError):
     """One or more settings are wrong; the message lists each with its fix."""
+
+    def __init__(self, problems: list[str] | str):
+        if isinstance(problems, str):  # one problem found later, its message complete
+            self.problems = [problems]
+            super().__init__(problems)
+        else:
+            self.problems = list(problems)
+            super().__init__("invalid settings (fix them in .env):\n  " + "\n  ".join(self.problems))
 
 
 def setting(env: str, default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -40,12 +50,25 @@ def between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
-def one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+@dataclass(frozen=True)
+class Choice:
+    """A check that a value (or, with `each`, every item of a list) is one of `choices`; `--help` lists them."""
+    choices: tuple[str, ...]
+    each: bool = False
+
+    def __call__(self, value: Any) -> str | None:
+        allowed = ", ".join(repr(c) if c == "" else c for c in self.choices)
+        if not self.each:
+            return None if value in self.choices else f"must be one of {allowed}"
+        return next((f"unknown value {v!r}; allowed: {allowed}" for v in value if v not in self.choices), None)
 
 
-def each_one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda vs: next((f"unknown value {v!r}; allowed: {', '.join(choices)}" for v in vs if v not in choices), None)
+def one_of(*choices: str) -> Choice:
+    return Choice(choices)
+
+
+def each_one_of(*choices: str) -> Choice:
+    return Choice(choices, each=True)
 
 
 @dataclass(frozen=True)
@@ -54,10 +77,10 @@ class Settings:
     vllm_server_host: str = setting("VLLM_SERVER_HOST", "localhost", "Host name of the vLLM server (the compose service name in the stack).")
     vllm_server_port: int = setting("VLLM_SERVER_PORT", 8000, "Port of the vLLM server.", between(1, 65535))
     vllm_api_key: str = setting("VLLM_API_KEY", "", "API key shared with the server's --api-key; empty means none. Never logged.")
-    vllm_wait_timeout: float = setting("VLLM_WAIT_TIMEOUT", 1800.0, "Seconds to wait for GET /health before giving up (first start downloads and loads the model).", at_least(1))
-    vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", at_least(1))
+    vllm_wait_timeout: float = setting("VLLM_WAIT_TIMEOUT", 1800.0, "Seconds to wait for GET /health before giving up (first start downloads and loads the model).", between(1, MAX_SECONDS))
+    vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", between(1, MAX_SECONDS))
     vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused or broken off, timeouts, 500/502/503/504, before a clear error.", at_least(1))
-    vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", at_least(0.1))
+    vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", between(0.1, MAX_SECONDS))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
     attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "transformers attention of the trainer: eager; flex_attention (GPU, and only with the model on one GPU: with its layers split over two it fails); or a kernel repo such as kernels-community/vllm-flash-attn3 (fetched from the Hub, not yet run here); transformers has no sdpa for GPT-OSS.")
@@ -96,7 +119,7 @@ class Settings:
     lr_scheduler: str = setting("LR_SCHEDULER", "constant_with_warmup", "Learning-rate schedule.", one_of(*LR_SCHEDULERS))
     warmup_steps: int = setting("WARMUP_STEPS", 5, "Optimizer steps of linear warmup.", at_least(0))
     max_steps: int = setting("MAX_STEPS", 500, "Optimizer steps in the run.", at_least(1))
-    seed: int = setting("SEED", 42, "Seed of sampling order, LoRA init and dropout.", at_least(0))
+    seed: int = setting("SEED", 42, "Seed of sampling order, LoRA init and dropout.", between(0, 2**32 - 1))
     # --- run, checkpoints, logs ---
     run_name: str = setting("RUN_NAME", "grpo_gptoss20b_lora4_tes", "Name of the run; its files go to RUNS_DIR/RUN_NAME.")
     runs_dir: Path = setting("RUNS_DIR", Path("runs"), "Directory of all runs (the shared volume in the stack; the server reads adapters from it).")
@@ -131,8 +154,16 @@ class Settings:
     # ---------------------------------------------------------------- parsing
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        environ = os.environ if environ is None else environ
-        values, problems = {}, []
+        settings, problems = cls.parse(os.environ if environ is None else environ)
+        if problems:
+            raise SettingsError(problems)
+        return settings
+
+    @classmethod
+    def parse(cls, environ: Mapping[str, str]) -> tuple["Settings", list[str]]:
+        """The settings and every problem found; a wrong value is replaced by its default, so that checks of
+        the other settings still run, and checks that combine settings skip the wrong ones."""
+        values, problems, wrong = {}, [], set()
         types = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             env = f.metadata["env"]
@@ -140,34 +171,42 @@ class Settings:
             if raw is None or (raw.strip() == "" and f.default != ""):
                 continue
             try:
-                values[f.name] = _parse(raw.strip(), types[f.name])
+                value = _parse(raw.strip(), types[f.name])
             except ValueError:
                 problems.append(f"{env}={raw!r}: expected {_type_name(types[f.name])}")
+                wrong.add(env)
                 continue
             check = f.metadata["check"]
-            message = check(values[f.name]) if check else None
+            message = check(value) if check else None
             if message:
                 problems.append(f"{env}={raw!r}: {message}")
+                wrong.add(env)
+                continue
+            values[f.name] = value
         settings = cls(**values)
-        problems += settings._cross_checks()
-        if problems:
-            raise SettingsError("invalid settings (fix them in .env):\n  " + "\n  ".join(problems))
-        return settings
+        return settings, problems + settings._cross_checks(wrong)
 
-    def _cross_checks(self) -> list[str]:
+    def _cross_checks(self, wrong: set[str]) -> list[str]:
+        """Checks of settings together; one that involves a wrong setting is skipped (its default would mislead)."""
         problems = []
-        if self.sequences_per_step % self.num_generations:
+
+        def applies(*names: str) -> bool:
+            return not wrong.intersection(names)
+
+        if applies("MICRO_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "NUM_GENERATIONS") \
+                and self.sequences_per_step % self.num_generations:
             problems.append(
                 f"MICRO_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS = {self.sequences_per_step} sequences per step must be "
                 f"a multiple of NUM_GENERATIONS={self.num_generations} (each prompt's whole group trains in one step)")
         if not RUN_NAME_PATTERN.match(self.run_name):
             problems.append(f"RUN_NAME={self.run_name!r}: use letters, digits, '.', '_' and '-' only")
-        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+        if applies("REWARD_WEIGHTS", "REWARD_FUNCS") and self.reward_weights \
+                and len(self.reward_weights) != len(self.reward_funcs):
             problems.append(f"REWARD_WEIGHTS has {len(self.reward_weights)} values but REWARD_FUNCS names "
                             f"{len(self.reward_funcs)} rewards: give one weight per reward or leave it empty")
         if not self.reward_funcs:
             problems.append("REWARD_FUNCS is empty: name at least one reward")
-        if "none" in self.report_to and len(self.report_to) > 1:
+        if applies("REPORT_TO") and "none" in self.report_to and len(self.report_to) > 1:
             problems.append("REPORT_TO: 'none' cannot be combined with other targets")
         return problems
 
@@ -192,7 +231,10 @@ def _parse(raw: str, annotation: Any) -> Any:
     if typing.get_origin(annotation) is tuple:
         item_type = typing.get_args(annotation)[0]
         return tuple(item_type(item.strip()) for item in raw.split(",") if item.strip())
-    return annotation(raw)
+    value = annotation(raw)
+    if annotation is float and not math.isfinite(value):  # "nan" and "inf" parse as floats
+        raise ValueError(raw)
+    return value
 
 
 def _as_env(value: Any) -> str:
@@ -203,12 +245,15 @@ def _as_env(value: Any) -> str:
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is tuple:
         return f"a comma-separated list of {_type_name(typing.get_args(annotation)[0])}s"
-    return {bool: "true or false", int: "an integer", float: "a number", Path: "a path"}.get(annotation, "text")
+    return {bool: "true or false", int: "an integer", float: "a finite number", Path: "a path"}.get(annotation, "text")
 
 
 def help_text() -> str:
     """The table `--help` prints: every setting, its default and meaning."""
     rows = []
     for f in dataclasses.fields(Settings):
-        rows.append(f"  {f.metadata['env']:<28} default: {_as_env(f.default) or '(empty)'}\n      {f.metadata['help']}")
+        check = f.metadata["check"]
+        allowed = "; allowed: " + ", ".join(c or "(empty)" for c in check.choices) if isinstance(check, Choice) else ""
+        rows.append(f"  {f.metadata['env']:<28} default: {_as_env(f.default) or '(empty)'}{allowed}\n"
+                    f"      {f.metadata['help']}")
     return "Settings (environment variables, e.g. in .env):\n" + "\n".join(rows)

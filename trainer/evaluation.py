@@ -1,7 +1,9 @@
 """Evaluation on held-out prompts through the same server, with the current adapter, every EVAL_STEPS steps.
 
 One completion per prompt, all prompts in one request: the cost is one generation batch, not a training step.
-Results are logged as `eval/...` in the step's metrics line and in metrics.jsonl.
+Results are logged as `eval/...` in the step's metrics line and in metrics.jsonl. Sampling goes through the
+generation backend, so a restart or a storm of 5xx answers during evaluation is waited out like one during
+generation; a server that stays down costs the evaluation, never the step just trained (it is checkpointed first).
 """
 
 from __future__ import annotations
@@ -12,37 +14,49 @@ import time
 from transformers import TrainerCallback
 
 from .data import prompt_token_ids
+from .generation import ServerGeneration
 from .run_log import format_reward
+from .vllm_client import ServerUnavailable, StopRequested
 
 log = logging.getLogger("trainer")
 
 
 class Evaluator(TrainerCallback):
-    def __init__(self, trainer, dataset, reward_funcs, reward_weights, every: int, max_completion_length: int,
-                 temperature: float, top_p: float, pending: dict, chat_template_kwargs: dict):
-        self.trainer = trainer
+    def __init__(self, generation: ServerGeneration, tokenizer, dataset, reward_funcs, reward_weights, every: int,
+                 pending: dict, chat_template_kwargs: dict):
+        self.generation = generation
+        self.tokenizer = tokenizer
         self.dataset = dataset
         self.reward_funcs = reward_funcs
         self.reward_weights = list(reward_weights) or [1.0] * len(reward_funcs)
         self.every = every
-        self.sampling = dict(max_tokens=max_completion_length, temperature=temperature, top_p=top_p)
         self.pending = pending  # merged into the step's metrics record by RunLogger
-        self.prompt_ids = [prompt_token_ids(trainer.processing_class, row["prompt"], chat_template_kwargs)
-                           for row in dataset]
+        self.prompt_ids = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for row in dataset]
+        self.failure: ServerUnavailable | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0:
+        if not (self.every and state.global_step % self.every == 0):
+            return
+        try:
             self.pending.update(self.evaluate(state.global_step))
+        except StopRequested:  # the stop callback saves this step and ends the run
+            log.warning("evaluation at step %d skipped: stop requested while waiting for the server",
+                        state.global_step)
+        except ServerUnavailable as exc:
+            # Raised again once the trainer has written this step's metrics and checkpoint (on_save).
+            self.failure = exc
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.failure is not None:
+            log.error("evaluation at step %d failed; step %d is checkpointed, restart to resume",
+                      state.global_step, state.global_step)
+            raise self.failure
 
     def evaluate(self, step: int) -> dict:
         start = time.perf_counter()
-        generation = self.trainer.vllm_generation
-        generation.sync_weights()  # the weights after this step's update, as the next step will sample them
-        self.trainer._last_loaded_step = step  # TRL's marker: this version is already on the server
-        completions = generation.client.complete(generation.publisher.current, self.prompt_ids, n=1,
-                                                 **self.sampling)
-        texts = self.trainer.processing_class.batch_decode([c.token_ids for c in completions],
-                                                           skip_special_tokens=True)
+        completions = self.generation.sample("evaluation", self.prompt_ids, n=1)
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         messages = [[{"role": "assistant", "content": text}] for text in texts]
         columns = {k: self.dataset[k] for k in self.dataset.column_names if k != "prompt"}
         metrics, total = {}, [0.0] * len(texts)

@@ -2,7 +2,8 @@
 
 It implements the two calls GRPOTrainer makes on `trl.generation.vllm_generation.VLLMGeneration` in server mode,
 `sync_weights()` and `generate(...)`, so TRL's algorithm (losses, importance-sampling correction, metrics) runs
-unchanged. Faults the server recovers from (a restart, a warm-up) cost a wait, never the step.
+unchanged; evaluation samples through it too. Faults the server recovers from (a restart, a warm-up, a storm of
+5xx answers) cost a wait, never the step: every request the trainer makes goes through `ServerRecovery`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from .adapter_sync import AdapterPublisher
-from .vllm_client import AdapterNotFound, ServerUnavailable, VLLMServerClient
+from .vllm_client import AdapterNotFound, Completion, ServerUnavailable, VLLMServerClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,46 @@ class StepTimings:
     recoveries: int = 0
 
 
+def nothing_to_restore() -> None:
+    pass
+
+
+class ServerRecovery:
+    """The one recovery path of every request the trainer makes: the start-up probe, adapter registration,
+    generation and evaluation.
+
+    The client already retries each request (VLLM_MAX_RETRIES, capped backoff). A fault that outlasts those
+    retries, a restart or a long storm of 5xx answers, is waited out here: up to VLLM_WAIT_TIMEOUT for /health,
+    then `restore` gives the server back what a restart loses (the current adapter) and the request is made once
+    more. A server that stays down, or fails the request again, ends the run with an error naming the server:
+    a permanent outage exits after the retries, the wait, and the retries once more.
+    """
+
+    def __init__(self, client: VLLMServerClient, wait_timeout: float,
+                 stop_requested: Callable[[], bool] = lambda: False, on_fault: Callable[[], None] = lambda: None):
+        self.client = client
+        self.wait_timeout = wait_timeout
+        self.stop_requested = stop_requested
+        self.on_fault = on_fault
+
+    def call(self, what: str, request: Callable[[], T], restore: Callable[[], None] = nothing_to_restore) -> T:
+        try:
+            return request()
+        except AdapterNotFound as exc:  # the server answered, without the adapter: it restarted between requests
+            self.on_fault()
+            log.warning("%s: the vLLM server does not know the adapter (%s): it restarted since the adapter was "
+                        "registered", what, str(exc)[:200])
+            restore()
+            return request()
+        except ServerUnavailable as exc:
+            self.on_fault()
+            log.warning("%s interrupted: %s; waiting up to %.0f s for the server to come back (VLLM_WAIT_TIMEOUT)",
+                        what, exc, self.wait_timeout)
+            self.client.wait_until_healthy(self.wait_timeout, stop_requested=self.stop_requested)
+            restore()
+            return request()
+
+
 class ServerGeneration:
     def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int], *,
                  max_completion_length: int, temperature: float, top_p: float, wait_timeout: float,
@@ -45,8 +86,8 @@ class ServerGeneration:
         self.max_completion_length = max_completion_length
         self.temperature = temperature
         self.top_p = top_p
-        self.wait_timeout = wait_timeout
-        self.stop_requested = stop_requested
+        self.recovery = ServerRecovery(client, wait_timeout, stop_requested, on_fault=self._count_fault)
+        self.published_step: int | None = None
         self.timings = StepTimings()
 
     # TRL reads `vllm_generation.vllm_client.get_server_info()` to check the server's logprobs mode.
@@ -63,8 +104,14 @@ class ServerGeneration:
 
     # ------------------------------------------------------------------ TRL's interface
     def sync_weights(self) -> None:
+        """Publish the current step's adapter, once per step: TRL calls this before a step's generation and
+        evaluation at a step's end; the weights change only with the step."""
+        step = self.current_step()
+        if step == self.published_step:
+            return
         start = time.perf_counter()
-        name = self._with_recovery(lambda: self.publisher.publish(self.current_step()), republish=False)
+        name = self.recovery.call(f"registering adapter version {step}", lambda: self.publisher.publish(step))
+        self.published_step = step
         seconds = time.perf_counter() - start
         self.timings.sync_seconds += seconds
         log.debug("published adapter %s in %.3f s", name, seconds)
@@ -76,9 +123,7 @@ class ServerGeneration:
         unique_prompts = prompts[::num_generations]
         start = time.perf_counter()
         with profiler or nullcontext():  # TRL's timing metric of the generation call
-            completions = self._with_recovery(lambda: self.client.complete(
-                self.publisher.current, unique_prompts, n=num_generations, max_tokens=self.max_completion_length,
-                temperature=self.temperature, top_p=self.top_p))
+            completions = self.sample("generation", unique_prompts, n=num_generations)
         self.timings.generation_seconds += time.perf_counter() - start
         self.timings.adapter = self.publisher.current
         self.timings.completion_tokens += sum(len(c.token_ids) for c in completions)
@@ -88,18 +133,29 @@ class ServerGeneration:
         logprobs = [[[lp] for lp in c.logprobs] for c in completions]  # TRL's (batch, length, top-k=1) shape
         return prompt_ids, completion_ids, logprobs, None
 
+    # ------------------------------------------------------------------ for the trainer's own requests
+    def sample(self, what: str, prompts: list[list[int]], n: int) -> list[Completion]:
+        """`n` completions per prompt (token IDs) from the current step's adapter, in prompt order."""
+        self.sync_weights()
+        return self.recovery.call(what, lambda: self.client.complete(
+            self.publisher.current, prompts, n=n, max_tokens=self.max_completion_length,
+            temperature=self.temperature, top_p=self.top_p), restore=self._restore_adapter)
+
+    def check_server_accepts_adapter(self) -> None:
+        """Register and unload a probe copy of the untrained adapter: a server that cannot take it fails the start."""
+        self.recovery.call("start-up probe (adapter registration)", self.publisher.check_server_accepts)
+
     # ------------------------------------------------------------------ recovery
-    def _with_recovery(self, call: Callable[[], T], republish: bool = True) -> T:
-        try:
-            return call()
-        except AdapterNotFound:
-            self.timings.recoveries += 1
-            self.publisher.republish()
-            return call()
-        except ServerUnavailable as exc:
-            self.timings.recoveries += 1
-            log.warning("%s; waiting up to %.0f s for the server to come back (VLLM_WAIT_TIMEOUT)", exc, self.wait_timeout)
-            self.client.wait_until_healthy(self.wait_timeout, stop_requested=self.stop_requested)
-            if republish:
-                self.publisher.republish()  # a restarted server has no adapters
-            return call()
+    def _restore_adapter(self) -> None:
+        """After a fault: register the current adapter again if the server lost it (a restart loses them all)."""
+        name = self.publisher.current
+        if name is None:
+            return
+        if name in {m["id"] for m in self.client.models()}:
+            log.info("vLLM server still has adapter %s: it was unavailable, not restarted", name)
+            return
+        log.warning("vLLM server came back without adapter %s (it restarted); registering it again", name)
+        self.client.load_lora_adapter(name, str(self.publisher.path_of(name)))
+
+    def _count_fault(self) -> None:
+        self.timings.recoveries += 1

@@ -61,14 +61,29 @@ def tolerant(func: Callable) -> Callable:
 def resolve(name: str) -> Callable:
     if name in REWARD_REGISTRY:
         return REWARD_REGISTRY[name]
-    if "." in name:
-        module_path, func_name = name.rsplit(".", 1)
+    if "." not in name:
+        raise RewardError(f"REWARD_FUNCS: unknown reward {name!r}; use one of {', '.join(REWARD_REGISTRY)} "
+                          "or a dotted path module.function")
+    module_path, func_name = name.rsplit(".", 1)
+    try:
+        func = getattr(importlib.import_module(module_path), func_name)
+    except Exception as exc:  # importing a user's module runs its code: any error means the same to the user
+        raise RewardError(f"REWARD_FUNCS: cannot import {name!r} ({type(exc).__name__}: {exc}); check the module "
+                          "is on PYTHONPATH inside the trainer container") from exc
+    if not callable(func):
+        raise RewardError(f"REWARD_FUNCS: {name!r} is a {type(func).__name__}, not a function")
+    return func
+
+
+def reward_problems(names: tuple[str, ...]) -> list[str]:
+    """What is wrong with each reward name, all at once."""
+    problems = []
+    for name in names:
         try:
-            return getattr(importlib.import_module(module_path), func_name)
-        except (ImportError, AttributeError) as exc:
-            raise RewardError(f"REWARD_FUNCS: cannot import {name!r} ({exc})") from exc
-    raise RewardError(f"REWARD_FUNCS: unknown reward {name!r}; use one of {', '.join(REWARD_REGISTRY)} "
-                      "or a dotted path module.function")
+            resolve(name)
+        except RewardError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def load_rewards(names: tuple[str, ...]) -> list[Callable]:

@@ -15,13 +15,14 @@ import torch
 from transformers import ProgressCallback
 from trl import GRPOConfig
 
-from trainer.adapter_sync import AdapterPublisher
 from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
 from trainer.config import Settings, SettingsError, help_text
-from trainer.data import DatasetError, load_prompts, prompt_token_ids
+from trainer.data import DatasetError, eval_data_source, load_prompts, prompt_token_ids
 from trainer.evaluation import Evaluator
+from trainer.generation import ServerGeneration, ServerRecovery
 from trainer.grpo import AdapterSyncGRPOTrainer
 from trainer.model import load_model, load_tokenizer, lora_config
+from trainer.preflight import checked_settings
 from trainer.rewards import RewardError, load_rewards
 from trainer.run_log import RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
@@ -62,7 +63,7 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\n" + help_text())
         return 0
     try:
-        settings = Settings.from_env()
+        settings = checked_settings(os.environ)  # all that needs no server, before waiting for it
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +72,10 @@ def main(argv: list[str]) -> int:
     log.info("resolved settings:\n%s", settings.describe())
     try:
         return train(settings, stop)
-    except (SettingsError, DatasetError, RewardError, ServerError) as exc:
+    except (SettingsError, DatasetError, RewardError) as exc:  # found only later: still the settings' fault
+        log.error("%s", exc)
+        return 2
+    except ServerError as exc:
         log.error("%s", exc)
         return 1
     except Exception as exc:
@@ -99,10 +103,10 @@ def train(s: Settings, stop: GracefulStop) -> int:
     log.info("Generation config: use_vllm=True, vllm_mode=server, server=%s, weight_sync=lora_adapter, "
              "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s",
              s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p)
-    check_server(s, client)
-
     tokenizer = load_tokenizer(s.model_name)
-    dataset = training_prompts(s, tokenizer)
+    dataset = training_prompts(s, tokenizer)  # prompts too long for MAX_PROMPT_LENGTH are found before the wait
+    check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested))
+
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
                        s.gradient_checkpointing)
     trainer = AdapterSyncGRPOTrainer(
@@ -111,7 +115,7 @@ def train(s: Settings, stop: GracefulStop) -> int:
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
         args=grpo_config(s, use_cpu=not torch.cuda.is_available()),
         peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
-    check_adapter_registration(trainer.vllm_generation.publisher)
+    check_adapter_registration(trainer.vllm_generation)
     add_callbacks(trainer, s, reward_funcs, stop)
 
     checkpoint = latest_intact_checkpoint(s.run_dir)
@@ -133,10 +137,10 @@ def train(s: Settings, stop: GracefulStop) -> int:
     return 0
 
 
-def check_server(s: Settings, client: VLLMServerClient) -> None:
+def check_server(s: Settings, recovery: ServerRecovery) -> None:
     """Wait for the server, then check it can serve what the settings ask for."""
-    client.wait_until_healthy(s.vllm_wait_timeout)
-    served = client.served_model()
+    recovery.client.wait_until_healthy(s.vllm_wait_timeout)
+    served = recovery.call("start-up probe (served model)", recovery.client.served_model)
     max_model_len = served.get("max_model_len")
     if max_model_len and s.max_prompt_length + s.max_completion_length > max_model_len:
         raise SettingsError(f"MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH = {s.max_prompt_length + s.max_completion_length} "
@@ -150,9 +154,8 @@ def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, st
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
-        trainer.add_callback(Evaluator(trainer, eval_dataset, reward_funcs, s.reward_weights, s.eval_steps,
-                                       s.max_completion_length, s.temperature, s.top_p, pending_metrics,
-                                       s.chat_template_kwargs))
+        trainer.add_callback(Evaluator(trainer.vllm_generation, trainer.processing_class, eval_dataset, reward_funcs,
+                                       s.reward_weights, s.eval_steps, pending_metrics, s.chat_template_kwargs))
     trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
     trainer.add_callback(RunLogger(s.run_dir, trainer.vllm_generation, trainer.memory, lambda: {
         f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
@@ -160,11 +163,12 @@ def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, st
 
 
 def load_eval_prompts(s: Settings):
-    name = s.eval_dataset or s.dataset
-    if name.endswith((".jsonl", ".json")) and not s.eval_dataset:
+    name = eval_data_source(s.dataset, s.eval_dataset)
+    if name is None:
         log.info("evaluation off: DATASET is a file; set EVAL_DATASET to a held-out .jsonl to evaluate")
         return None
-    dataset = load_prompts(name, s.dataset_config, s.eval_split, s.system_prompt)
+    dataset = load_prompts(name, s.dataset_config, s.eval_split, s.system_prompt,
+                           setting="EVAL_DATASET" if s.eval_dataset else "DATASET")
     return dataset.select(range(min(s.eval_max_prompts, len(dataset))))
 
 
@@ -187,10 +191,10 @@ def drop_long_prompts(dataset, tokenizer, max_prompt_length: int, chat_template_
     return kept
 
 
-def check_adapter_registration(publisher: AdapterPublisher) -> None:
+def check_adapter_registration(generation: ServerGeneration) -> None:
     """Register the untrained adapter once before training, so a server that cannot take it fails the start."""
     try:
-        publisher.check_server_accepts()
+        generation.check_server_accepts_adapter()
     except ServerError as exc:
         raise ServerError(f"{exc}\nthe vLLM server must run with --enable-lora, --max-lora-rank >= LORA_RANK and "
                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (VLLM_MAX_LORA_RANK in .env)") from exc

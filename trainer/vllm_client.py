@@ -7,6 +7,7 @@ exponential backoff; anything else, or a fault that outlasts the retries, raises
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +18,13 @@ import requests
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = (500, 502, 503, 504)
+# The backoff's own jitter draws from `random`, which training seeds with SEED: every run, and every client of a
+# server, would wait the same sequence and retry in step. The OS's entropy differs per process.
+_JITTER = random.SystemRandom()
+
+
+def full_jitter(wait: float) -> float:
+    return _JITTER.uniform(0, wait)
 
 
 class ServerError(RuntimeError):
@@ -32,7 +40,7 @@ class TransientServerError(ServerError):
 
 
 class ServerUnavailable(ServerError):
-    """Transient faults outlasted the retries."""
+    """Transient faults outlasted the retries, or the server stayed unhealthy for the whole wait."""
 
 
 class StopRequested(Exception):
@@ -68,7 +76,7 @@ class VLLMServerClient:
                       self.base_url, method, path, details["tries"], details["elapsed"], details["exception"])
 
         @backoff.on_exception(backoff.expo, TransientServerError, max_tries=self.max_retries,
-                              max_value=self.retry_max_wait, jitter=backoff.full_jitter, on_giveup=give_up_message,
+                              max_value=self.retry_max_wait, jitter=full_jitter, on_giveup=give_up_message,
                               on_backoff=lambda d: log.warning("vLLM server at %s: %s; retry %d in %.1f s",
                                                                self.base_url, d["exception"], d["tries"], d["wait"]))
         def attempt() -> requests.Response:
@@ -124,7 +132,7 @@ class VLLMServerClient:
                 raise StopRequested(f"stop requested while waiting for the vLLM server at {self.base_url}")
             now = time.monotonic()
             if now - start >= timeout:
-                raise ServerError(f"vLLM server at {self.base_url} not healthy after {timeout:.0f} s "
+                raise ServerUnavailable(f"vLLM server at {self.base_url} not healthy after {timeout:.0f} s "
                                   f"(last: {last_problem}); see `docker compose logs vllm`, or raise VLLM_WAIT_TIMEOUT")
             if now >= next_report:
                 log.info("waiting for vLLM server at %s (%s, %.0f s of %.0f s)", self.base_url, last_problem,

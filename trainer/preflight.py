@@ -1,0 +1,118 @@
+"""Everything the trainer can check without the vLLM server, checked before it waits for the server (up to
+VLLM_WAIT_TIMEOUT): the settings, the runs directory, the reward names, the training and evaluation data and every
+row of a data file, MODEL_NAME, and LORA_TARGET_MODULES against the model's own modules. Every problem is
+reported at once, each naming its setting and the fix; the entry script exits 2 on any.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .config import Settings, SettingsError
+from .data import DatasetError, eval_data_source, load_prompts
+from .rewards import reward_problems
+
+
+def checked_settings(environ: Mapping[str, str]) -> Settings:
+    """The settings, if they and everything they point at are usable; else SettingsError listing every problem."""
+    settings, problems = Settings.parse(environ)
+    problems += problems_before_server(settings)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def problems_before_server(s: Settings) -> list[str]:
+    problems = runs_dir_problems(s.runs_dir, s.run_name) + reward_problems(s.reward_funcs)
+    problems += guarded("DATASET", lambda: data_problems(s.dataset, s.dataset_config, s.dataset_split, "DATASET"))
+    eval_source = eval_data_source(s.dataset, s.eval_dataset)
+    if s.eval_steps and eval_source is not None:
+        setting = "EVAL_DATASET" if s.eval_dataset else "DATASET"
+        problems += guarded(setting, lambda: data_problems(eval_source, s.dataset_config, s.eval_split, setting))
+    problems += guarded("MODEL_NAME", lambda: model_problems(s.model_name, s.lora_target_modules))
+    return problems
+
+
+def guarded(setting: str, check: Callable[[], list[str]]) -> list[str]:
+    """A check that failed in a way nobody foresaw still reports its setting, not a traceback."""
+    try:
+        return check()
+    except Exception as exc:
+        return [f"{setting}: checking it failed with {type(exc).__name__}: {str(exc)[:500]}"]
+
+
+def runs_dir_problems(runs_dir: Path, run_name: str) -> list[str]:
+    shown = f"RUNS_DIR={str(runs_dir)!r}"
+    try:
+        for path in (runs_dir, runs_dir / run_name):
+            if path.exists() and not path.is_dir():
+                return [f"{shown}: {path} is a file, not a directory: point RUNS_DIR at a directory (the runs volume)"]
+        existing = next(p for p in (runs_dir, *runs_dir.absolute().parents) if p.exists())
+    except (OSError, ValueError) as exc:
+        return [f"{shown}: unusable path ({exc}): point RUNS_DIR at a directory (the runs volume)"]
+    if not existing.is_dir():
+        return [f"{shown}: {existing} is a file, so no directory can be made under it: point RUNS_DIR elsewhere"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{shown}: {existing} is not writable by this user (uid {os.getuid()}): make it writable (the "
+                "trainer image runs as uid 1000) or point RUNS_DIR elsewhere"]
+    return []
+
+
+def data_problems(name: str, config: str, split: str, setting: str) -> list[str]:
+    try:
+        load_prompts(name, config, split, system_prompt="", setting=setting)
+    except DatasetError as exc:
+        return [str(exc)]
+    return []
+
+
+def model_problems(model_name: str, target_modules: tuple[str, ...]) -> list[str]:
+    """MODEL_NAME is a checkpoint directory or a Hub model transformers knows, and every LoRA target is in it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers import AutoConfig
+
+    from .model import lora_target_problems
+
+    shown = f"MODEL_NAME={model_name!r}"
+    if model_name.startswith(("/", "./", "../", "~")) or os.path.exists(model_name):
+        path = Path(model_name).expanduser()
+        if not path.is_dir():
+            return [f"{shown}: no such directory (paths are seen from inside the trainer container): give a "
+                    "checkpoint directory or a Hub name such as openai/gpt-oss-20b"]
+        if not (path / "config.json").is_file():
+            return [f"{shown}: the directory has no config.json: point it at a Hugging Face checkpoint directory"]
+    else:
+        try:
+            validate_repo_id(model_name)
+        except HFValidationError:
+            return [f"{shown}: neither an existing directory nor a Hub name of the form owner/name"]
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except Exception as exc:  # the Hub and transformers raise many types; the user needs to know which case
+        return [model_load_problem(shown, exc)]
+    return lora_target_problems(config, target_modules)
+
+
+def model_load_problem(shown: str, exc: Exception) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    causes = []
+    while exc is not None and len(causes) < 10:
+        causes.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    if any(isinstance(e, GatedRepoError) for e in causes):
+        return f"{shown}: the model is gated on the Hugging Face Hub: set HF_TOKEN to a token that was granted access"
+    if any(isinstance(e, RepositoryNotFoundError) for e in causes):
+        return (f"{shown}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN); check the name, "
+                "e.g. openai/gpt-oss-20b")
+    if constants.HF_HUB_OFFLINE:
+        return (f"{shown}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                "unset HF_HUB_OFFLINE (the container needs network once) or set MODEL_NAME to a local directory")
+    message = str(causes[0])[:300]
+    if any(isinstance(e, (ConnectionError, TimeoutError, OSError)) for e in causes) and "connect" in message.lower():
+        return (f"{shown}: the Hugging Face Hub cannot be reached to fetch the model ({message}): check the "
+                "network, or set MODEL_NAME to a local directory")
+    return f"{shown}: transformers cannot load its config ({type(causes[0]).__name__}: {message})"
