@@ -2,7 +2,8 @@
 
 Each optimizer step publishes a new version under a new name (`policy-v<step>`), so a request can never mix two
 versions, and vLLM's prefix cache (keyed by adapter) never serves KV computed with stale weights. Older versions
-are unloaded once nothing can use them, and their files deleted one publish later.
+are unloaded once nothing can use them, and their files deleted one publish later. At the end of a run the final
+adapter stays registered under the run's name.
 
 NCCL weight broadcast (TRL's server mode) is not an option here: the trainer shares its GPUs with the TP=2 server
 and NCCL cannot put two ranks on one GPU.
@@ -89,6 +90,15 @@ class AdapterPublisher:
             self._unload(name)
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def publish_final(self, name: str, path: Path) -> None:
+        """Register the finished run's adapter at `path` (inside the run's directory) under `name`, where it stays for
+        users to query through the server's OpenAI API."""
+        path = path.resolve()
+        if path.parent != self.adapters_dir.parent:
+            raise ValueError(f"refusing to register adapter path outside {self.adapters_dir.parent}: {path}")
+        fsync_tree(path)
+        self.client.load_lora_adapter(name, str(path))
 
     def republish(self) -> None:
         """Register the current version again, e.g. after the server restarted and lost its adapters."""

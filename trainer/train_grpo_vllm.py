@@ -134,6 +134,11 @@ def train(s: Settings, stop: GracefulStop) -> int:
     trainer.save_model(str(final))
     log.info("finished %d steps; final adapter (PEFT, loadable by transformers and vLLM) in %s",
              trainer.state.global_step, final)
+    try:
+        trainer.vllm_generation.publisher.publish_final(s.run_name, final)
+        log.info("the vLLM server at %s serves the final adapter as model %r", s.server_url, s.run_name)
+    except ServerError as exc:  # the adapter is saved; serving it is a convenience that must not fail the run
+        log.warning("could not register the final adapter with the vLLM server as %r: %s", s.run_name, exc)
     return 0
 
 
