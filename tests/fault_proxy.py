@@ -1,12 +1,16 @@
 """A fault-injecting HTTP proxy in front of the real vLLM server: the only test double in the suite.
 
-`plan(path, attempt_number)` decides per request: an int is an HTTP status to answer instead of the server,
-a float is seconds to stall before forwarding (a slow server), CUT forwards but breaks the connection halfway
-through the answer (a server killed while answering), None forwards at once. Requests are counted so tests can assert what the trainer retried.
+`plan(path, attempt_number, body)` decides per request (`body` is the request's JSON, {} if none): an int is an
+HTTP status to answer instead of the server, a float is seconds to stall before forwarding (a slow server), CUT
+forwards but breaks the connection halfway through the answer (a server killed while answering), None forwards at
+once. While the server behind it is down (killed by a test, not yet restarted) the proxy closes each connection
+without an answer, as a dead server's socket does. Requests are counted so tests can assert what the trainer
+retried.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -20,7 +24,7 @@ CUT = "cut"
 
 
 class FaultProxy:
-    def __init__(self, target: str, plan: Callable[[str, int], int | None], port: int = 0):
+    def __init__(self, target: str, plan: Callable[[str, int, dict], int | float | str | None], port: int = 0):
         self.target = target
         self.plan = plan
         self.requests = Counter()
@@ -34,7 +38,11 @@ class FaultProxy:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests[self.path] += 1
-                status = proxy.plan(self.path, proxy.requests[self.path])
+                try:
+                    parsed = json.loads(body) if body else {}
+                except ValueError:
+                    parsed = {}
+                status = proxy.plan(self.path, proxy.requests[self.path], parsed)
                 if isinstance(status, float):
                     proxy.faults["stall"] += 1
                     time.sleep(status)
@@ -53,8 +61,8 @@ class FaultProxy:
                     upstream = requests.request(self.command, proxy.target + self.path, data=body,
                                                 headers=headers, timeout=300)
                 except requests.ConnectionError:
-                    self.send_response(502)
-                    self.end_headers()
+                    proxy.faults["down"] += 1
+                    self.close_connection = True
                     return
                 self.send_response(upstream.status_code)
                 self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))

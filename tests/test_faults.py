@@ -17,7 +17,7 @@ pytestmark = pytest.mark.server
 
 
 def test_warm_up_503s_are_waited_out(vllm_server, tiny_model, tmp_path):
-    def plan(path, attempt):  # a server still loading: /health and the API answer 503 for a while
+    def plan(path, attempt, body):  # a server still loading: /health and the API answer 503 for a while
         if path == "/health" and attempt <= 3:
             return 503
         if path == "/v1/completions" and attempt <= 2:
@@ -36,7 +36,7 @@ def test_warm_up_503s_are_waited_out(vllm_server, tiny_model, tmp_path):
 
 def test_storm_of_5xx_ends_in_a_clear_error_naming_the_server(vllm_server, tiny_model, tmp_path):
     statuses = [500, 502, 503, 504]
-    with FaultProxy(vllm_server.url, lambda path, n: statuses[n % 4] if path == "/v1/completions" else None) as proxy:
+    with FaultProxy(vllm_server.url, lambda path, n, body: statuses[n % 4] if path == "/v1/completions" else None) as proxy:
         env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=2, VLLM_MAX_RETRIES=3, VLLM_RETRY_MAX_WAIT=0.2)
         started = time.monotonic()
         result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
@@ -48,7 +48,7 @@ def test_storm_of_5xx_ends_in_a_clear_error_naming_the_server(vllm_server, tiny_
 
 
 def test_stalled_server_times_out_and_is_retried(vllm_server, tiny_model, tmp_path):
-    with FaultProxy(vllm_server.url, lambda path, n: 3.0 if path == "/v1/completions" and n == 1 else None) as proxy:
+    with FaultProxy(vllm_server.url, lambda path, n, body: 3.0 if path == "/v1/completions" and n == 1 else None) as proxy:
         env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=1, VLLM_REQUEST_TIMEOUT=1,
                           VLLM_RETRY_MAX_WAIT=0.2)
         result = run_trainer(env, tmp_path / "stdout.log")
@@ -58,7 +58,7 @@ def test_stalled_server_times_out_and_is_retried(vllm_server, tiny_model, tmp_pa
 
 def test_answer_broken_off_mid_way_is_retried(vllm_server, tiny_model, tmp_path):
     # a server killed while it answers: the headers arrive, the body stops halfway
-    with FaultProxy(vllm_server.url, lambda path, n: CUT if path == "/v1/completions" and n == 1 else None) as proxy:
+    with FaultProxy(vllm_server.url, lambda path, n, body: CUT if path == "/v1/completions" and n == 1 else None) as proxy:
         env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=1, VLLM_RETRY_MAX_WAIT=0.2)
         result = run_trainer(env, tmp_path / "stdout.log")
     assert result.returncode == 0, result.stdout[-3000:]
@@ -66,30 +66,141 @@ def test_answer_broken_off_mid_way_is_retried(vllm_server, tiny_model, tmp_path)
     assert [r["step"] for r in metrics(tmp_path / "test-run")] == [1]
 
 
-def test_server_killed_and_restarted_mid_run(tiny_model, tmp_path):
-    port = free_port()
-    server = start_server(tiny_model, tmp_path / "vllm-1.log", port=port)
-    env = trainer_env(tiny_model, tmp_path, port, MAX_STEPS=5, VLLM_RETRY_MAX_WAIT=1, VLLM_MAX_RETRIES=3,
-                      VLLM_WAIT_TIMEOUT=300)
-    run_dir = tmp_path / "test-run"
-    trainer = start_trainer(env, tmp_path / "trainer.log")
-    try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2, 300, "step 2")
-        server.stop(signal.SIGKILL)
-        time.sleep(2)
-        restarted = start_server(tiny_model, tmp_path / "vllm-2.log", port=port)
-        assert trainer.wait(600) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
-    finally:
-        trainer.kill()
-        for s in (server, locals().get("restarted")):
-            if s:
-                s.stop()
+# The trainer's requests, by phase (MAX_STEPS=3, EVAL_STEPS=2, NUM_GENERATIONS=4 below): the start-up probe asks
+# for the served model and registers a probe adapter; each step registers its adapter version and samples the
+# groups (n=4); evaluation after step 2 samples one completion per held-out prompt (n=1).
+def phase_of(path: str, body: dict) -> str | None:
+    if path == "/v1/models":
+        return "probe: served model"
+    if path == "/v1/load_lora_adapter":
+        return {"policy-vprobe": "probe: adapter", "policy-v1": "registration"}.get(body.get("lora_name"))
+    if path == "/v1/completions":
+        return {4: "generation", 1: "evaluation"}.get(body.get("n"))
+    return None
+
+
+# What the trainer logs when a fault interrupts each phase (ServerRecovery's warning).
+INTERRUPTED = {"probe: served model": "start-up probe (served model) interrupted",
+               "probe: adapter": "start-up probe (adapter registration) interrupted",
+               "registration": "registering adapter version 1 interrupted",
+               "evaluation": "evaluation interrupted", "generation": "generation interrupted"}
+
+
+def faults_in_every_phase(phases: list[str], fault, after: dict[str, int]):
+    """A proxy plan that calls `fault(phase)` on the request of each phase numbered `after[phase]` (default: the
+    first), once, then forwards that request."""
+    seen, done = {}, []
+
+    def plan(path, attempt, body):
+        phase = phase_of(path, body)
+        if phase in phases and phase not in done:
+            seen[phase] = seen.get(phase, 0) + 1
+            if seen[phase] == after.get(phase, 1):
+                done.append(phase)
+                return fault(phase)
+        return None
+
+    return plan, done
+
+
+def assert_nothing_lost(run_dir, log: str, phases: list[str]) -> None:
+    for phase in phases:
+        assert INTERRUPTED[phase] in log, f"no recovery logged for the fault during {phase}"
     rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "a step was lost or repeated"
-    assert sum(r["server/recoveries"] for r in rows) >= 1
-    assert "Loaded new LoRA adapter" in restarted.log()  # the current version was registered again
+    assert [r["step"] for r in rows] == [1, 2, 3], "a step was lost or repeated"
+    assert "eval/reward" in rows[1], "the evaluation of step 2 was lost"
+    for step in (1, 2, 3):
+        assert (run_dir / f"checkpoint-{step}" / "COMPLETE").is_file(), f"checkpoint of step {step} missing"
     for r in rows:
-        assert r["sampling/sampling_logp_difference/mean"] < 1e-4, "after the restart vLLM sampled stale weights"
+        assert r["sampling/sampling_logp_difference/mean"] < 1e-4, "after a fault vLLM sampled other weights"
+
+
+# generation is faulted on its third request (step 3), after the evaluation's fault at the end of step 2
+GENERATION_AT_STEP_3 = {"generation": 3}
+PHASE_ENV = dict(MAX_STEPS=3, EVAL_STEPS=2, SAVE_STEPS=1, VLLM_MAX_RETRIES=2, VLLM_RETRY_MAX_WAIT=0.2,
+                 VLLM_WAIT_TIMEOUT=300)
+
+
+def test_server_restart_in_every_phase_is_waited_out(tiny_model, tmp_path):
+    """vLLM killed (SIGKILL) and started again on its port while the trainer's request of each phase is in
+    flight: the trainer waits for /health, registers its adapter again and goes on."""
+    port = free_port()
+    servers = [start_server(tiny_model, tmp_path / "vllm-0.log", port=port)]
+    phases = ["probe: served model", "registration", "evaluation", "generation"]
+
+    def restart(phase):
+        servers[-1].stop(signal.SIGKILL)
+        servers.append(start_server(tiny_model, tmp_path / f"vllm-{len(servers)}.log", port=port, wait=False))
+        return None  # forward to the dead port: the trainer sees its connection closed
+
+    plan, restarted = faults_in_every_phase(phases, restart, GENERATION_AT_STEP_3)
+    try:
+        with FaultProxy(f"http://127.0.0.1:{port}", plan) as proxy:
+            env = trainer_env(tiny_model, tmp_path, proxy.port, **PHASE_ENV)
+            result = run_trainer(env, tmp_path / "stdout.log")
+    finally:
+        for server in servers:
+            server.stop()
+    assert restarted == phases
+    assert result.returncode == 0, result.stdout[-3000:]
+    run_dir = tmp_path / "test-run"
+    log = (run_dir / "training.log").read_text()
+    assert_nothing_lost(run_dir, log, phases)
+    assert log.count("came back without adapter policy-v2 (it restarted); registering it again") == 2  # eval, gen
+    assert "Loaded new LoRA adapter" in servers[-1].log()
+
+
+def test_storm_of_503_in_every_phase_is_waited_out(vllm_server, tiny_model, tmp_path):
+    """From the request of each phase on, every request, /health included, answers 503 for longer than the
+    retries last: the trainer waits for /health and goes on; it does not take the storm for a restart."""
+    phases = list(INTERRUPTED)
+    storm = {"until": 0.0}
+
+    def start_storm(phase):
+        storm["until"] = time.monotonic() + 3
+        return 503
+
+    plan, stormed = faults_in_every_phase(phases, start_storm, GENERATION_AT_STEP_3)
+
+    def plan_with_storm(path, attempt, body):
+        status = plan(path, attempt, body)
+        return status or (503 if time.monotonic() < storm["until"] else None)
+
+    with FaultProxy(vllm_server.url, plan_with_storm) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, **PHASE_ENV)
+        result = run_trainer(env, tmp_path / "stdout.log")
+    assert stormed == phases
+    assert result.returncode == 0, result.stdout[-3000:]
+    run_dir = tmp_path / "test-run"
+    log = (run_dir / "training.log").read_text()
+    assert_nothing_lost(run_dir, log, phases)
+    assert "still has adapter policy-v2: it was unavailable, not restarted" in log  # after eval's and gen's storms
+    assert "it restarted" not in log and "did it restart" not in log
+
+
+def test_server_down_for_good_during_evaluation_keeps_the_step(vllm_server, tiny_model, tmp_path):
+    """A permanent outage that starts at the evaluation after step 2: the trainer gives up after its retries and
+    VLLM_WAIT_TIMEOUT, but step 2, trained before the evaluation, is recorded and checkpointed first."""
+    down = {"on": False}
+
+    def plan(path, attempt, body):
+        if phase_of(path, body) == "evaluation":
+            down["on"] = True
+        return 503 if down["on"] else None
+
+    with FaultProxy(vllm_server.url, plan) as proxy:
+        env = trainer_env(tiny_model, tmp_path, proxy.port, **{**PHASE_ENV, "SAVE_STEPS": 5, "VLLM_WAIT_TIMEOUT": 3})
+        started = time.monotonic()
+        result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
+        seconds = time.monotonic() - started
+    assert result.returncode == 1, result.stdout[-3000:]
+    run_dir = tmp_path / "test-run"
+    log = (run_dir / "training.log").read_text()
+    assert f"vLLM server at http://127.0.0.1:{proxy.port} not healthy after 3 s" in log
+    assert "evaluation at step 2 failed; step 2 is checkpointed, restart to resume" in log
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert (run_dir / "checkpoint-2" / "COMPLETE").is_file(), "the step trained before the outage was lost"
+    assert seconds < 240, "a permanent outage must end after the retries and VLLM_WAIT_TIMEOUT"
 
 
 def test_adapter_rank_above_the_servers_limit_fails_at_start(vllm_server, tiny_model, tmp_path):
@@ -103,16 +214,7 @@ def test_adapter_rank_above_the_servers_limit_fails_at_start(vllm_server, tiny_m
 def test_prompt_plus_completion_longer_than_the_server_allows_fails_at_start(vllm_server, tiny_model, tmp_path):
     env = trainer_env(tiny_model, tmp_path, vllm_server.port, MAX_PROMPT_LENGTH=400, MAX_COMPLETION_LENGTH=200)
     result = run_trainer(env, tmp_path / "stdout.log", timeout=300)
-    assert result.returncode == 1 and "exceeds the server's --max-model-len 512" in result.stdout
-
-
-def test_unknown_reward_and_dataset_fail_at_start(vllm_server, tiny_model, tmp_path):
-    result = run_trainer(trainer_env(tiny_model, tmp_path, vllm_server.port, REWARD_FUNCS="accuracy,nope"),
-                         tmp_path / "a.log", timeout=300)
-    assert result.returncode == 1 and "REWARD_FUNCS: unknown reward 'nope'" in result.stdout
-    result = run_trainer(trainer_env(tiny_model, tmp_path, vllm_server.port, DATASET="no-such-org/no-such-set"),
-                         tmp_path / "b.log", timeout=300)
-    assert result.returncode == 1 and "DATASET='no-such-org/no-such-set'" in result.stdout
+    assert result.returncode == 2 and "exceeds the server's --max-model-len 512" in result.stdout
 
 
 def test_raising_reward_scores_zero_and_training_goes_on(vllm_server, tiny_model, tmp_path):
@@ -146,7 +248,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(vllm_server, tin
 
 def test_sigterm_while_the_server_is_down_exits_promptly(vllm_server, tiny_model, tmp_path):
     broken = {"on": False}
-    with FaultProxy(vllm_server.url, lambda path, n: 503 if broken["on"] else None) as proxy:
+    with FaultProxy(vllm_server.url, lambda path, n, body: 503 if broken["on"] else None) as proxy:
         env = trainer_env(tiny_model, tmp_path, proxy.port, MAX_STEPS=100, SAVE_STEPS=1, VLLM_MAX_RETRIES=2,
                           VLLM_RETRY_MAX_WAIT=0.2, VLLM_WAIT_TIMEOUT=600)
         run_dir = tmp_path / "test-run"
