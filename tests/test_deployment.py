@@ -28,7 +28,7 @@ def env_example() -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-def compose_config(tmp_path: Path, env_text: str, *files: str) -> dict:
+def compose_config(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> dict:
     for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker", "trainer"):
         target = tmp_path / name
         if not target.exists():
@@ -37,10 +37,17 @@ def compose_config(tmp_path: Path, env_text: str, *files: str) -> dict:
     args = [str(BIN / "docker-compose")]
     for f in files or ("docker-compose.yml",):
         args += ["-f", f]
+    if profile:
+        args += ["--profile", profile]
     result = subprocess.run(args + ["config", "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def container_env(service: dict) -> dict[str, str]:
+    """A service's environment as its container gets it: compose writes a name it passes on unset as None."""
+    return {k: v for k, v in service["environment"].items() if v is not None}
 
 
 # ------------------------------------------------------------------ compose
@@ -72,6 +79,50 @@ def test_compose_with_overridden_values(tmp_path):
     assert trainer["environment"]["VLLM_SERVER_PORT"] == "9001"
     assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["2", "3"]
     assert vllm["environment"]["HF_TOKEN"] == "hf_abc"
+
+
+def test_each_service_gets_its_own_settings(tmp_path):
+    # every setting in .env, each with its own value: what reaches which container
+    env = {name: f"value-of-{name}" for name in env_example()}
+    env.update({name: f"value-of-{name}" for name in serve.OWN_SETTINGS},
+               VLLM_SERVER_PORT="9002", GPU_DEVICE_0="0", GPU_DEVICE_1="1", VLLM_START_PERIOD="60s",
+               TRAINER_STOP_GRACE_PERIOD="60s", VLLM_PUBLISH_PORT="9003", NCCL_CUMEM_ENABLE="0")
+    config = compose_config(tmp_path, "".join(f"{k}={v}\n" for k, v in env.items()))
+    vllm, trainer = config["services"]["vllm"]["environment"], config["services"]["trainer"]["environment"]
+    for name in serve.OWN_SETTINGS + ("MODEL_NAME", "HF_TOKEN", "NCCL_CUMEM_ENABLE"):
+        assert vllm[name] == env[name], name
+    trainer_only = {f.metadata["env"] for f in dataclasses.fields(Settings)} - set(serve.OWN_SETTINGS) - {"MODEL_NAME"}
+    assert {"VLLM_WAIT_TIMEOUT", "VLLM_REQUEST_TIMEOUT", "VLLM_MAX_RETRIES", "VLLM_RETRY_MAX_WAIT"} <= trainer_only
+    compose_only = {"VLLM_START_PERIOD", "VLLM_PUBLISH_ADDRESS", "VLLM_PUBLISH_PORT", "TRAINER_STOP_GRACE_PERIOD"}
+    assert not (trainer_only | compose_only) & vllm.keys(), sorted((trainer_only | compose_only) & vllm.keys())
+    # the trainer keeps the whole file: its settings and anything added for it (WANDB_API_KEY, PYTHONPATH)
+    for name in trainer_only - SET_BY_COMPOSE:
+        assert trainer[name] == env[name], name
+
+
+def test_settings_absent_from_env_stay_unset_in_the_server(tmp_path):
+    vllm = container_env(compose_config(tmp_path, "")["services"]["vllm"])
+    # unset, not empty: serve.py uses its defaults, and NCCL sees no NCCL_CUMEM_ENABLE=""
+    assert "NCCL_CUMEM_ENABLE" not in vllm and "VLLM_MAX_MODEL_LEN" not in vllm
+    assert serve.build_command(vllm, gpus=2)[1:] == DEFAULT_COMMAND
+
+
+def test_a_trainer_stopped_by_a_wrong_setting_is_not_restarted(tmp_path):
+    config = compose_config(tmp_path, (REPO / ".env.example").read_text())
+    # exit 2 (wrong setting) would come back on every restart with the same .env
+    assert config["services"]["trainer"]["restart"] == "no"
+    assert config["services"]["vllm"]["restart"] == "on-failure:3"
+
+
+def test_fetch_weights_is_a_one_shot_on_the_weights_volume(tmp_path):
+    env = "MODEL_NAME=HuggingFaceTB/SmolLM2-135M-Instruct\nHF_TOKEN=hf_abc\n"
+    assert "fetch-weights" not in compose_config(tmp_path, env)["services"], "`up` must not start the download"
+    config = compose_config(tmp_path, env, profile="fetch")
+    fetch = config["services"]["fetch-weights"]
+    assert fetch["command"][0] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert [v["target"] for v in fetch["volumes"]] == ["/workspace/hf-cache"]
+    assert fetch["environment"] == {"HF_HOME": "/workspace/hf-cache", "HF_TOKEN": "hf_abc"}
+    assert fetch["restart"] == "no" and fetch["image"] == config["services"]["vllm"]["image"]
 
 
 def test_published_port_is_bound_to_localhost(tmp_path):
@@ -145,7 +196,7 @@ def test_server_command_from_overrides():
 def test_compilation_config_of_the_user_replaces_the_stacks(tmp_path):
     # the .env line as a user writes it, through compose's own .env parser, into the entrypoint
     line = """VLLM_EXTRA_ARGS=-cc '{"pass_config":{"fuse_allreduce_rms":false},"cudagraph_mode":"FULL"}'\n"""
-    env = compose_config(tmp_path, (REPO / ".env.example").read_text() + line)["services"]["vllm"]["environment"]
+    env = container_env(compose_config(tmp_path, (REPO / ".env.example").read_text() + line)["services"]["vllm"])
     command = serve.build_command(env, gpus=2)
     assert "--compilation-config" not in command
     config = json.loads(command[command.index("-cc") + 1])
@@ -199,28 +250,6 @@ def test_cuda_env_uses_forward_compatibility_only_on_old_drivers(tmp_path, drive
                             env={"PATH": f"{bin_dir}:/usr/bin:/bin", "CUDA_COMPAT_DIR": str(compat)})
     assert result.returncode == 0
     assert (f"LD={compat}" in result.stdout) == uses_compat, result.stdout + result.stderr
-
-
-# ------------------------------------------------------------------ pinned requirements resolve for the images
-# Ubuntu 22.04 (glibc 2.35) on x86-64: pip matches platform tags exactly, so each manylinux level is named.
-PLATFORM_TAGS = [f"manylinux_2_{n}_x86_64" for n in range(17, 36)] + ["manylinux2014_x86_64", "linux_x86_64"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("requirements", ["docker/vllm/requirements.txt", "docker/trainer/requirements.txt"])
-def test_image_requirements_resolve_for_linux_python_3_11(requirements, tmp_path):
-    extra = ["torch==2.11.0"] if "trainer" in requirements else []
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-         str(tmp_path / "report.json"), "--python-version", "3.11", "--implementation", "cp",
-         *[arg for tag in PLATFORM_TAGS for arg in ("--platform", tag)], "--only-binary=:all:",
-         "--target", str(tmp_path / "t"),
-         "-r", str(REPO / requirements), *extra],
-        capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
-                for item in json.loads((tmp_path / "report.json").read_text())["install"]}
-    assert resolved["torch"] == "2.11.0"
 
 
 # ------------------------------------------------------------------ build-time vLLM patch
