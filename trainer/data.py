@@ -37,6 +37,11 @@ def final_answer(answer: str) -> str:
 def load_raw(name: str, config: str, split: str, setting: str = "DATASET") -> datasets.Dataset:
     if name == "sample":
         return rows_dataset(read_rows(SAMPLE_EVAL_DATASET if split == "test" else SAMPLE_DATASET, setting), setting)
+    if name == GENERATED_SUMS:
+        try:
+            return rows_dataset(single_digit_sums(split), setting)
+        except ValueError as exc:
+            raise DatasetError(f"{setting}={name!r}: {exc}; set DATASET_SPLIT=train and EVAL_SPLIT=test") from exc
     if name.endswith((".jsonl", ".json")):
         path = Path(name)
         if not path.is_file():
@@ -46,7 +51,7 @@ def load_raw(name: str, config: str, split: str, setting: str = "DATASET") -> da
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # the Hub raises many types; all mean the same to the user
         raise DatasetError(f"{setting}={name!r} (DATASET_CONFIG={config!r}, split {split!r}) cannot be "
-                           f"loaded: {exc}. Use a Hub data set name, a .jsonl path, or 'sample'") from exc
+                           f"loaded: {exc}. Use a Hub data set name, a .jsonl path, 'sample' or 'sums'") from exc
 
 
 def read_rows(path: Path, setting: str) -> list[dict]:
