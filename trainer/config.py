@@ -50,6 +50,10 @@ def between(low: float, high: float) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
+def not_empty(what: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v else f"is empty: name at least one {what}"
+
+
 @dataclass(frozen=True)
 class Choice:
     """A check that a value (or, with `each`, every item of a list) is one of `choices`; `--help` lists them."""
@@ -91,7 +95,7 @@ class Settings:
     lora_rank: int = setting("LORA_RANK", 4, "LoRA rank; must not exceed the server's --max-lora-rank.", between(1, 512))
     lora_alpha: int = setting("LORA_ALPHA", 8, "LoRA alpha (scale = alpha / rank).", at_least(1))
     lora_dropout: float = setting("LORA_DROPOUT", 0.0, "LoRA dropout.", between(0.0, 0.9))
-    lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "Comma-separated module names LoRA wraps; attention projections load in vLLM for every architecture here.")
+    lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "Comma-separated module names LoRA wraps; attention projections load in vLLM for every architecture here.", not_empty("module"))
     # --- data and rewards ---
     dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, or 'sample' for the bundled offline set.")
     dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")

@@ -1,5 +1,4 @@
-"""Prompts for GRPO: a Hub data set, a local JSONL file, the bundled sample set or generated sums, as chat prompts +
-solutions.
+"""Prompts for GRPO: a Hub data set, a local JSONL file, or the bundled sample set, as chat prompts + solutions.
 
 Rows are normalised to TRL's conversational format: `prompt` (a list of messages; the chat template, GPT-OSS's
 harmony format included, is applied by the trainer) and `solution` (the final answer the rewards check).
@@ -14,13 +13,10 @@ from pathlib import Path
 
 import datasets
 
-from .arithmetic import single_digit_sums
-
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_math.jsonl"
 SAMPLE_EVAL_DATASET = Path(__file__).parent / "data" / "sample_math_eval.jsonl"
-GENERATED_SUMS = "sums"
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
 
@@ -91,8 +87,9 @@ def read_rows(path: Path, setting: str) -> list[dict]:
         where = "line"
     not_objects = [str(number) for number, row in numbered if not isinstance(row, dict)]
     if not_objects:
-        raise DatasetError(f"{shown}: {where} {', '.join(not_objects[:3])} is not a JSON object: each row needs "
-                           f"the form {{\"question\": ..., \"answer\": ...}}")
+        which = f"{where} {not_objects[0]} is not a JSON object" if len(not_objects) == 1 else \
+            f"{where}s {', '.join(not_objects[:3])}{' ...' if len(not_objects) > 3 else ''} are not JSON objects"
+        raise DatasetError(f"{shown}: {which}: each row needs the form {{\"question\": ..., \"answer\": ...}}")
     return [row for _, row in numbered]
 
 
