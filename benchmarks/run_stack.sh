@@ -18,6 +18,8 @@ fi
 env_file=$1; shift
 VLLM_PYTHON=${VLLM_PYTHON:-python3}
 TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
+absolute() { if [[ $1 == */* ]]; then echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; else echo "$1"; fi; }
+VLLM_PYTHON=$(absolute "$VLLM_PYTHON") TRAINER_PYTHON=$(absolute "$TRAINER_PYTHON")
 
 # compose's .env semantics (no shell expansion, backslashes kept), turned into exports
 eval "$("$TRAINER_PYTHON" - "$env_file" "$@" <<'EOF'
