@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import free_port, run_trainer, start_server, start_trainer, trainer_env, wait_for
+from conftest import REPO, free_port, run_trainer, start_server, start_trainer, trainer_env, wait_for
 from fault_proxy import CUT, FaultProxy
 from test_training_server import metrics
 
@@ -45,6 +46,16 @@ def test_storm_of_5xx_ends_in_a_clear_error_naming_the_server(vllm_server, tiny_
     assert f"vLLM server at http://127.0.0.1:{proxy.port} is unavailable" in result.stdout
     assert proxy.requests["/v1/completions"] == 6  # 3 attempts, a health wait, 3 attempts again
     assert not list((tmp_path / "test-run").glob("checkpoint-*")), "no step may be recorded as done"
+
+
+def test_backoff_waits_differ_between_processes():
+    """Training seeds Python's `random` with SEED: jitter drawn from it would be the same in every run, and the
+    retries of several clients of one server would stay in step."""
+    draw = ("import random; from trainer.vllm_client import full_jitter; random.seed(42); "
+            "print([round(full_jitter(30), 6) for _ in range(5)])")
+    runs = {subprocess.run([sys.executable, "-c", draw], capture_output=True, text=True, check=True,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}).stdout for _ in range(2)}
+    assert len(runs) == 2
 
 
 def test_stalled_server_times_out_and_is_retried(vllm_server, tiny_model, tmp_path):

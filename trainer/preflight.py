@@ -111,7 +111,7 @@ def model_load_problem(shown: str, exc: Exception) -> str:
     if constants.HF_HUB_OFFLINE:
         return (f"{shown}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
                 "unset HF_HUB_OFFLINE (the container needs network once) or set MODEL_NAME to a local directory")
-    message = str(causes[0])[:300]
+    message = str(causes[0]).strip().splitlines()[0][:300] if str(causes[0]).strip() else type(causes[0]).__name__
     if any(isinstance(e, (ConnectionError, TimeoutError, OSError)) for e in causes) and "connect" in message.lower():
         return (f"{shown}: the Hugging Face Hub cannot be reached to fetch the model ({message}): check the "
                 "network, or set MODEL_NAME to a local directory")
