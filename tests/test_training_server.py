@@ -172,4 +172,4 @@ def test_report_renders_plots_from_the_run(finished_run, tmp_path):
     header = out.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-    assert (width, height) == (1170, 990) and out.stat().st_size > 30_000
+    assert (width, height) == (1440, 1350) and out.stat().st_size > 30_000

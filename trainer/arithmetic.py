@@ -3,7 +3,8 @@
 Held out for real: the unordered pairs {a, b} are split once, by a fixed seed, into training pairs and evaluation
 pairs, so evaluation asks only sums the policy never trained on (in either order). Each split then draws its rows,
 phrasings included, with its own seed. The answer is the bare number, which the `accuracy` reward compares with
-math-verify.
+math-verify; that reward reads only a marked answer, so each question asks for one: a 135M model follows an
+instruction in the question far more often than one in the system prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ PHRASINGS = (
     "What is the sum of {a} and {b}?",
     "{a} + {b} = ?",
 )
+ANSWER_INSTRUCTION = " Answer with \\boxed{}."
 SPLITS = {"train": (1, 1000), "test": (2, 64)}  # split: (seed of its rows, number of rows)
 EVAL_PAIR_COUNT = 9  # of the 45 unordered pairs
 PAIR_SPLIT_SEED = 0
@@ -41,5 +43,5 @@ def single_digit_sums(split: str) -> list[dict]:
         a, b = rng.choice(choices)
         if rng.random() < 0.5:
             a, b = b, a
-        rows.append({"question": rng.choice(PHRASINGS).format(a=a, b=b), "answer": str(a + b)})
+        rows.append({"question": rng.choice(PHRASINGS).format(a=a, b=b) + ANSWER_INSTRUCTION, "answer": str(a + b)})
     return rows
