@@ -59,6 +59,9 @@ def test_each_step_registers_a_new_adapter_version(finished_run, vllm_server):
     for version in (0, 1, 2):
         assert f"Loaded new LoRA adapter: name 'policy-v{version}'" in server_log
     assert "policy-v2" in vllm_server.models()
+    # the finished run's adapter stays on the server under the run's name, for users to query
+    assert f"Loaded new LoRA adapter: name 'test-run', path '{(run_dir / 'final_adapter').resolve()}'" in server_log
+    assert "test-run" in vllm_server.models()
     assert "policy-v0" not in vllm_server.models()  # retired versions are unloaded
     assert sorted(p.name for p in (run_dir / "adapters").iterdir()) == ["policy-v1", "policy-v2"]
 
