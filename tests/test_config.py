@@ -88,7 +88,7 @@ def test_help_lists_every_setting_with_default():
 def test_bad_env_stops_the_entry_script_with_exit_2(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "trainer/train_grpo_vllm.py")], capture_output=True,
                             text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "LORA_RANK": "-1",
-                                            "RUNS_DIR": str(tmp_path)})
+                                            "RUNS_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "LORA_RANK='-1'" in result.stderr and "fix them in .env" in result.stderr
 

@@ -236,6 +236,31 @@ def test_each_problem_found_before_the_server_names_its_setting(files, env, mess
     assert message in str(err.value)
 
 
+def test_an_unreachable_hub_is_named_at_once(files):
+    """No network and HF_HUB_OFFLINE unset: one quick request tells, instead of the Hub client's retries."""
+    import datasets
+    import huggingface_hub.constants
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", False), \
+                mock.patch.object(datasets.config, "HF_HUB_OFFLINE", False), \
+                mock.patch.object(huggingface_hub.constants, "ENDPOINT", endpoint):
+            started = time.monotonic()
+            with pytest.raises(SettingsError) as err:
+                checked_settings({"MODEL_NAME": "no-such-org/no-such-model", "DATASET": "no-such-org/no-such-set",
+                                  "RUNS_DIR": str(files["runs"])})
+            seconds = time.monotonic() - started
+            assert huggingface_hub.constants.HF_HUB_OFFLINE is False, "the check must not leave the process offline"
+    unreachable = f"not in the local Hugging Face cache, and the Hub cannot be reached ({endpoint}: ConnectionError)"
+    assert err.value.problems == [f"DATASET='no-such-org/no-such-set': {unreachable}: check the network, or use a "
+                                  ".jsonl file or 'sample'",
+                                  f"MODEL_NAME='no-such-org/no-such-model': {unreachable}: check the network, or "
+                                  "set MODEL_NAME to a local directory"]
+    assert seconds < 10
+
+
 def test_runs_dir_that_is_a_file_is_named(files):
     for runs_dir, message in [(files["a-file"], "is a file, not a directory"),
                               (files["a-file"] / "sub", "is a file, so no directory can be made under it")]:

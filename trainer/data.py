@@ -15,6 +15,7 @@ import datasets
 
 log = logging.getLogger(__name__)
 
+SAMPLE_NAME = "sample"
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_math.jsonl"
 SAMPLE_EVAL_DATASET = Path(__file__).parent / "data" / "sample_math_eval.jsonl"
 QUESTION_FIELDS = ("question", "problem", "prompt")
@@ -31,7 +32,7 @@ def final_answer(answer: str) -> str:
 
 
 def load_raw(name: str, config: str, split: str, setting: str = "DATASET") -> datasets.Dataset:
-    if name == "sample":
+    if name == SAMPLE_NAME:
         return rows_dataset(read_rows(SAMPLE_EVAL_DATASET if split == "test" else SAMPLE_DATASET, setting), setting)
     if name == GENERATED_SUMS:
         try:

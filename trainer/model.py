@@ -62,31 +62,29 @@ def lora_config(rank: int, alpha: int, dropout: float, target_modules: tuple[str
                       bias="none", task_type="CAUSAL_LM")
 
 
-# Module types PEFT's LoRA can wrap (its layer dispatch); a name that matches only others fails inside PEFT.
-LORA_WRAPPABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-                  torch.nn.MultiheadAttention)
-
-
 def lora_target_problems(model_config, target_modules: tuple[str, ...]) -> list[str]:
-    """Each LORA_TARGET_MODULES name must match a module LoRA can wrap. The model is built on the meta device
-    (no memory, no weights read), so this runs in a second even for GPT-OSS-20B, before the server is waited for."""
+    """Each LORA_TARGET_MODULES name must match a module LoRA can wrap, in the model built from its config on the
+    meta device (no memory taken, no weights read), before the server is waited for."""
     from accelerate import init_empty_weights
     from peft.tuners.tuners_utils import check_target_module_exists
     from transformers.pytorch_utils import Conv1D
 
+    # the module types PEFT's LoRA dispatches on; a name that matches only others fails inside PEFT
+    wrappable_types = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                       torch.nn.MultiheadAttention, Conv1D)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config)
-    modules = dict(model.named_modules())
+    modules = {name: module for name, module in model.named_modules() if name}
     wrappable = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
-                        if isinstance(module, (*LORA_WRAPPABLE, Conv1D))})
+                        if isinstance(module, wrappable_types)})
     problems = []
     for target in target_modules:
         config = LoraConfig(target_modules=[target])
-        matched = [module for name, module in modules.items() if name and check_target_module_exists(config, name)]
+        matched = [module for name, module in modules.items() if check_target_module_exists(config, name)]
         if not matched:
             problems.append(f"LORA_TARGET_MODULES: {target!r} matches no module of the model; names LoRA can wrap: "
                             f"{', '.join(wrappable[:20])}")
-        elif not any(isinstance(m, (*LORA_WRAPPABLE, Conv1D)) for m in matched):
+        elif not any(isinstance(m, wrappable_types) for m in matched):
             kinds = ", ".join(sorted({type(m).__name__ for m in matched}))
             problems.append(f"LORA_TARGET_MODULES: {target!r} names {kinds} modules, which LoRA cannot wrap; "
                             f"names it can: {', '.join(wrappable[:20])}")

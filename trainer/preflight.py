@@ -7,11 +7,12 @@ reported at once, each naming its setting and the fix; the entry script exits 2 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from .config import Settings, SettingsError
-from .data import DatasetError, eval_data_source, load_prompts
+from .data import SAMPLE_NAME, DatasetError, eval_data_source, load_prompts
 from .rewards import reward_problems
 
 
@@ -20,19 +21,65 @@ def checked_settings(environ: Mapping[str, str]) -> Settings:
     settings, problems = Settings.parse(environ)
     problems += problems_before_server(settings)
     if problems:
-        raise SettingsError(problems)
+        raise SettingsError(list(dict.fromkeys(problems)))  # evaluation may read DATASET too: one line each
     return settings
+
+
+HUB_PROBE_TIMEOUT = 5.0  # seconds
 
 
 def problems_before_server(s: Settings) -> list[str]:
     problems = runs_dir_problems(s.runs_dir, s.run_name) + reward_problems(s.reward_funcs)
-    problems += guarded("DATASET", lambda: data_problems(s.dataset, s.dataset_config, s.dataset_split, "DATASET"))
-    eval_source = eval_data_source(s.dataset, s.eval_dataset)
-    if s.eval_steps and eval_source is not None:
-        setting = "EVAL_DATASET" if s.eval_dataset else "DATASET"
-        problems += guarded(setting, lambda: data_problems(eval_source, s.dataset_config, s.eval_split, setting))
-    problems += guarded("MODEL_NAME", lambda: model_problems(s.model_name, s.lora_target_modules))
+    eval_source = eval_data_source(s.dataset, s.eval_dataset) if s.eval_steps else None
+    eval_setting = "EVAL_DATASET" if s.eval_dataset else "DATASET"
+    on_hub = [name for name in (s.dataset, eval_source) if name is not None and is_hub_data(name)]
+    on_hub += [] if is_local_path(s.model_name) else [s.model_name]
+    with cache_only_if_hub_unreachable(bool(on_hub)) as unreachable:
+        problems += guarded("DATASET", lambda: data_problems(s.dataset, s.dataset_config, s.dataset_split,
+                                                             "DATASET", unreachable))
+        if eval_source is not None:
+            problems += guarded(eval_setting, lambda: data_problems(eval_source, s.dataset_config, s.eval_split,
+                                                                    eval_setting, unreachable))
+        problems += guarded("MODEL_NAME", lambda: model_problems(s.model_name, s.lora_target_modules, unreachable))
     return problems
+
+
+def is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def is_hub_data(name: str) -> bool:
+    return name != SAMPLE_NAME and not name.endswith((".jsonl", ".json"))
+
+
+@contextmanager
+def cache_only_if_hub_unreachable(needed: bool) -> Iterator[str | None]:
+    """The Hub client retries a Hub it cannot reach, with backoff, for every file it asks for. If the Hub does not
+    answer one quick request, look only in the local cache (as HF_HUB_OFFLINE=1 does) and yield why; else None."""
+    import datasets
+    from huggingface_hub import constants
+
+    reason = hub_unreachable() if needed and not constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        yield None
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def hub_unreachable() -> str | None:
+    import requests
+    from huggingface_hub import constants
+
+    try:
+        requests.head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except requests.RequestException as exc:
+        return f"{constants.ENDPOINT}: {type(exc).__name__}"
+    return None
 
 
 def guarded(setting: str, check: Callable[[], list[str]]) -> list[str]:
@@ -60,15 +107,18 @@ def runs_dir_problems(runs_dir: Path, run_name: str) -> list[str]:
     return []
 
 
-def data_problems(name: str, config: str, split: str, setting: str) -> list[str]:
+def data_problems(name: str, config: str, split: str, setting: str, hub_unreachable: str | None) -> list[str]:
     try:
         load_prompts(name, config, split, system_prompt="", setting=setting)
     except DatasetError as exc:
+        if hub_unreachable and is_hub_data(name):
+            return [f"{setting}={name!r}: not in the local Hugging Face cache, and the Hub cannot be reached "
+                    f"({hub_unreachable}): check the network, or use a .jsonl file or 'sample'"]
         return [str(exc)]
     return []
 
 
-def model_problems(model_name: str, target_modules: tuple[str, ...]) -> list[str]:
+def model_problems(model_name: str, target_modules: tuple[str, ...], hub_unreachable: str | None = None) -> list[str]:
     """MODEL_NAME is a checkpoint directory or a Hub model transformers knows, and every LoRA target is in it."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoConfig
@@ -76,7 +126,7 @@ def model_problems(model_name: str, target_modules: tuple[str, ...]) -> list[str
     from .model import lora_target_problems
 
     shown = f"MODEL_NAME={model_name!r}"
-    if model_name.startswith(("/", "./", "../", "~")) or os.path.exists(model_name):
+    if is_local_path(model_name):
         path = Path(model_name).expanduser()
         if not path.is_dir():
             return [f"{shown}: no such directory (paths are seen from inside the trainer container): give a "
@@ -91,11 +141,11 @@ def model_problems(model_name: str, target_modules: tuple[str, ...]) -> list[str
     try:
         config = AutoConfig.from_pretrained(model_name)
     except Exception as exc:  # the Hub and transformers raise many types; the user needs to know which case
-        return [model_load_problem(shown, exc)]
+        return [model_load_problem(shown, exc, hub_unreachable)]
     return lora_target_problems(config, target_modules)
 
 
-def model_load_problem(shown: str, exc: Exception) -> str:
+def model_load_problem(shown: str, exc: Exception, hub_unreachable: str | None) -> str:
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -108,6 +158,9 @@ def model_load_problem(shown: str, exc: Exception) -> str:
     if any(isinstance(e, RepositoryNotFoundError) for e in causes):
         return (f"{shown}: no such model on the Hugging Face Hub (or it is private: set HF_TOKEN); check the name, "
                 "e.g. openai/gpt-oss-20b")
+    if hub_unreachable:
+        return (f"{shown}: not in the local Hugging Face cache, and the Hub cannot be reached ({hub_unreachable}): "
+                "check the network, or set MODEL_NAME to a local directory")
     if constants.HF_HUB_OFFLINE:
         return (f"{shown}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
                 "unset HF_HUB_OFFLINE (the container needs network once) or set MODEL_NAME to a local directory")
