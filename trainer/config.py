@@ -97,7 +97,7 @@ class Settings:
     lora_dropout: float = setting("LORA_DROPOUT", 0.0, "LoRA dropout.", between(0.0, 0.9))
     lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "Comma-separated module names LoRA wraps; attention projections load in vLLM for every architecture here.", not_empty("module"))
     # --- data and rewards ---
-    dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, or 'sample' for the bundled offline set.")
+    dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, 'sample' for the bundled offline set, or 'sums' for generated single-digit sums (held-out pairs for EVAL_SPLIT=test; examples/smollm2.env).")
     dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")
     dataset_split: str = setting("DATASET_SPLIT", "train", "Split to train on.")
     reasoning_effort: str = setting("REASONING_EFFORT", "", "GPT-OSS chat template's reasoning effort (low, medium, high); empty keeps the template's default. Lower effort, shorter completions.", one_of("", "low", "medium", "high"))
