@@ -11,7 +11,7 @@ import pytest
 from trainer.adapter_sync import AdapterPublisher
 from trainer.checkpoints import latest_intact_checkpoint, mark_complete
 from trainer.data import DatasetError, final_answer, load_prompts, to_prompts
-from trainer.rewards import RewardError, boxed_format_reward, load_rewards, resolve
+from trainer.rewards import RewardError, boxed_format_reward, final_number_reward, load_rewards, resolve
 
 
 def make_checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
@@ -86,6 +86,15 @@ def test_accuracy_reward_is_trls_math_verify():
     completions = [[{"role": "assistant", "content": "so \\boxed{42}"}],
                    [{"role": "assistant", "content": "so \\boxed{41}"}]]
     assert accuracy(completions=completions, solution=["42", "42"]) == [1.0, 0.0]
+
+
+def test_final_number_reward_takes_numbers_not_expressions():
+    # A policy trained on sums with `accuracy` learned to answer \\boxed{3 + 3}: math-verify evaluates it to 6.
+    assert resolve("accuracy")([[{"role": "assistant", "content": r"\boxed{3 + 3}"}]], solution=["6"]) == [1.0]
+    completions = [r"\boxed{3 + 3}", r"\boxed{6}", r"\boxed{ 6 }", "3 + 3 = 6", "The answer is 6.", r"\boxed{0 + 6}",
+                   "6, no: 7", r"\boxed{}", "no number", [{"role": "assistant", "content": r"so \boxed{6.0}"}]]
+    assert final_number_reward(completions, solution=["6"] * len(completions)) == [0, 1, 1, 1, 1, 0, 0, 0, 0, 1]
+    assert resolve("final_number") is final_number_reward
 
 
 def test_boxed_format_reward():

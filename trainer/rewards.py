@@ -17,6 +17,7 @@ from trl.rewards import accuracy_reward, think_format_reward
 log = logging.getLogger(__name__)
 
 BOXED = re.compile(r"\\boxed\{[^{}]*\}")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def completion_text(completion) -> str:
@@ -31,8 +32,36 @@ def boxed_format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if len(BOXED.findall(completion_text(c))) == 1 else 0.0 for c in completions]
 
 
+def final_number_reward(completions, solution: list[str], **kwargs) -> list[float]:
+    """1.0 when the answer equals the solution: the last \\boxed{...}, which must hold a number and nothing else, or,
+    without a box, the last number written.
+
+    For tasks whose answers are plain numbers. Unlike `accuracy`, which evaluates what it finds with math-verify, an
+    expression is not an answer here: `\\boxed{3 + 4}` scores 0 for 7 (a policy rewarded for it learns to copy the
+    question into the box instead of adding).
+    """
+    scores = []
+    for completion, expected in zip(completions, solution):
+        text = completion_text(completion).replace(",", "")
+        if boxed := BOXED.findall(text):
+            inner = boxed[-1][len("\\boxed{"):-1].strip(" $")
+            written = inner if NUMBER.fullmatch(inner) else None
+        else:
+            written = next(reversed(NUMBER.findall(text)), None)
+        scores.append(1.0 if written is not None and _same_number(written, expected) else 0.0)
+    return scores
+
+
+def _same_number(written: str, expected: str) -> bool:
+    try:
+        return float(written) == float(str(expected).replace(",", "").strip())
+    except ValueError:
+        return False
+
+
 REWARD_REGISTRY: dict[str, Callable] = {
     "accuracy": accuracy_reward,
+    "final_number": final_number_reward,
     "boxed_format": boxed_format_reward,
     "think_format": think_format_reward,
 }
