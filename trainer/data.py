@@ -163,6 +163,11 @@ def prompt_token_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict
     return list(encoded["input_ids"])
 
 
+def is_hub_name(name: str) -> bool:
+    """A data set name the Hub resolves: not a file, not one built in."""
+    return name != SAMPLE_NAME and not name.endswith((".jsonl", ".json"))
+
+
 def eval_data_source(dataset: str, eval_dataset: str) -> str | None:
     """What evaluation reads: EVAL_DATASET, else DATASET's evaluation split; None for a DATASET file without an
     EVAL_DATASET (a file has no split to hold out)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from .config import Settings, SettingsError
-from .data import SAMPLE_NAME, DatasetError, eval_data_source, load_prompts
+from .data import DatasetError, eval_data_source, is_hub_name, load_prompts
 from .rewards import reward_problems
 
 
@@ -32,7 +32,7 @@ def problems_before_server(s: Settings) -> list[str]:
     problems = runs_dir_problems(s.runs_dir, s.run_name) + reward_problems(s.reward_funcs)
     eval_source = eval_data_source(s.dataset, s.eval_dataset) if s.eval_steps else None
     eval_setting = "EVAL_DATASET" if s.eval_dataset else "DATASET"
-    on_hub = [name for name in (s.dataset, eval_source) if name is not None and is_hub_data(name)]
+    on_hub = [name for name in (s.dataset, eval_source) if name is not None and is_hub_name(name)]
     on_hub += [] if is_local_path(s.model_name) else [s.model_name]
     with cache_only_if_hub_unreachable(bool(on_hub)) as unreachable:
         problems += guarded("DATASET", lambda: data_problems(s.dataset, s.dataset_config, s.dataset_split,
@@ -46,10 +46,6 @@ def problems_before_server(s: Settings) -> list[str]:
 
 def is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-
-
-def is_hub_data(name: str) -> bool:
-    return name != SAMPLE_NAME and not name.endswith((".jsonl", ".json"))
 
 
 @contextmanager
@@ -111,7 +107,7 @@ def data_problems(name: str, config: str, split: str, setting: str, hub_unreacha
     try:
         load_prompts(name, config, split, system_prompt="", setting=setting)
     except DatasetError as exc:
-        if hub_unreachable and is_hub_data(name):
+        if hub_unreachable and is_hub_name(name):
             return [f"{setting}={name!r}: not in the local Hugging Face cache, and the Hub cannot be reached "
                     f"({hub_unreachable}): check the network, or use a .jsonl file or 'sample'"]
         return [str(exc)]
