@@ -1,4 +1,5 @@
-"""Prompts for GRPO: a Hub data set, a local JSONL file, or the bundled sample set, as chat prompts + solutions.
+"""Prompts for GRPO: a Hub data set, a local JSONL file, the bundled sample set or generated sums, as chat prompts +
+solutions.
 
 Rows are normalised to TRL's conversational format: `prompt` (a list of messages; the chat template, GPT-OSS's
 harmony format included, is applied by the trainer) and `solution` (the final answer the rewards check).
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import datasets
 
+from .arithmetic import single_digit_sums
+
 log = logging.getLogger(__name__)
 
 SAMPLE_NAME = "sample"
 SAMPLE_DATASET = Path(__file__).parent / "data" / "sample_math.jsonl"
 SAMPLE_EVAL_DATASET = Path(__file__).parent / "data" / "sample_math_eval.jsonl"
+GENERATED_SUMS = "sums"
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
 
