@@ -98,8 +98,8 @@ def test_final_number_reward_takes_numbers_not_expressions():
 
 
 def test_boxed_format_reward():
-    texts = ["a \\boxed{1}", "no box", "\\boxed{1} \\boxed{2}"]
-    assert boxed_format_reward([[{"role": "assistant", "content": t}] for t in texts]) == [1.0, 0.0, 0.0]
+    texts = ["a \\boxed{1}", "no box", "\\boxed{1} \\boxed{2}", "Answer with \\boxed{}."]
+    assert boxed_format_reward([[{"role": "assistant", "content": t}] for t in texts]) == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_a_raising_reward_scores_zero_and_is_counted():

@@ -16,7 +16,7 @@ from trl.rewards import accuracy_reward, think_format_reward
 
 log = logging.getLogger(__name__)
 
-BOXED = re.compile(r"\\boxed\{[^{}]*\}")
+BOXED = re.compile(r"\\boxed\{[^{}]+\}")  # an empty box is no answer
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
