@@ -355,7 +355,8 @@ def test_every_copy_source_is_in_the_build_context(image):
 @pytest.mark.parametrize("image", IMAGES)
 def test_pip_installs_resolve_verbatim_to_the_constraints(image, tmp_path, resolver_for):
     build = read_build(image)
-    python = build.args["PYTHON_VERSION"]
+    python = build.args.get("PYTHON_VERSION")
+    assert python, f"docker/{image}/Dockerfile names no exact Python (ARG PYTHON_VERSION)"
     installs = pip_installs(build)
     assert installs, f"docker/{image}/Dockerfile installs nothing with pip"
     # the resolver that runs here is the pip release the image installs before anything else
@@ -407,7 +408,9 @@ def test_constraints_agree_with_the_pins(image):
         wanted.update(pins(args))
         for flag, path in zip(args, args[1:]):
             if flag in ("-r", "--requirement"):
-                wanted.update(requirement_pins(REPO / build.files[posixpath.join(step.workdir, path)][0]))
+                copied = build.files.get(posixpath.join(step.workdir, path))
+                assert copied, f"docker/{image}/Dockerfile line {step.line}: no COPY brought {path!r}"
+                wanted.update(requirement_pins(REPO / copied[0]))
     assert wanted, f"docker/{image}/Dockerfile pins nothing"
     differ = {name: (version, locked.get(name)) for name, version in wanted.items() if locked.get(name) != version}
     assert not differ, f"pin vs docker/{image}/constraints.txt (run bash docker/lock.sh): {differ}"
@@ -427,8 +430,8 @@ def test_images_have_a_compiler_and_python_headers(image, compilers):
     assert compilers | {"libc6-dev"} <= packages, packages
     assert not {p for p in packages if p.startswith("python3")}, "the image's Python comes from uv, not apt"
     # The Python: uv-managed CPython at an exact version, the venv made from it.
-    python = build.args["PYTHON_VERSION"]
-    assert re.fullmatch(r"3\.12\.\d+", python), python
+    python = build.args.get("PYTHON_VERSION", "")
+    assert re.fullmatch(r"3\.12\.\d+", python), f"ARG PYTHON_VERSION={python!r}: an exact 3.12 release"
     scripts = " ; ".join(s.value for s in build.runs())
     assert 'uv python install --no-bin "${PYTHON_VERSION}"' in scripts
     assert f'"$(uv python find --managed-python "${{PYTHON_VERSION}}")" -m venv {venv_dir(build)}' in scripts
@@ -442,8 +445,9 @@ def test_images_have_a_compiler_and_python_headers(image, compilers):
     listing = subprocess.run([str(BIN / "uv"), "python", "list", python, "--all-versions", "--only-downloads",
                               "--show-urls", "--no-config"], capture_output=True, text=True, check=True).stdout
     urls = [line.split()[1] for line in listing.splitlines() if line.startswith(f"cpython-{python}-linux-x86_64-gnu ")]
-    assert urls and re.search(r"python-build-standalone/.*-x86_64-unknown-linux-gnu-install_only(_stripped)?\.tar\.gz$",
-                              urls[0]), listing
+    assert urls, f"uv {uv_pin} offers no CPython {python} for x86-64 Linux"
+    assert re.search(r"python-build-standalone/.*-x86_64-unknown-linux-gnu-install_only(_stripped)?\.tar\.gz$",
+                     urls[0]), urls[0]
 
 
 def test_trainer_entrypoint_runs_in_the_image_layout(tmp_path):
@@ -512,6 +516,8 @@ def test_compose_commands_and_health_check_run_in_the_image_layout(tmp_path):
     # the server's health check, in the server's image: passes while /health answers 200, fails without a server
     test = services["vllm"]["healthcheck"]["test"]
     assert test[0] == "CMD"
+    assert shutil.which(test[1], path=layout_env(builds["vllm"], roots["vllm"])["PATH"]), (
+        f"the health check runs {test[1]!r}, which the vllm image does not have")
     server = http.server.HTTPServer(("127.0.0.1", port), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
