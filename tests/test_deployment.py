@@ -29,7 +29,8 @@ def env_example() -> dict[str, str]:
 
 
 def compose_config(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> dict:
-    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker", "trainer"):
+    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker-compose.one-gpu.yml", "docker",
+                 "trainer"):
         target = tmp_path / name
         if not target.exists():
             target.symlink_to(REPO / name)
@@ -86,14 +87,16 @@ def test_each_service_gets_its_own_settings(tmp_path):
     env = {name: f"value-of-{name}" for name in env_example()}
     env.update({name: f"value-of-{name}" for name in serve.OWN_SETTINGS},
                VLLM_SERVER_PORT="9002", GPU_DEVICE_0="0", GPU_DEVICE_1="1", VLLM_START_PERIOD="60s",
-               TRAINER_STOP_GRACE_PERIOD="60s", VLLM_PUBLISH_PORT="9003", NCCL_CUMEM_ENABLE="0")
+               TRAINER_STOP_GRACE_PERIOD="60s", VLLM_PUBLISH_PORT="9003", NCCL_CUMEM_ENABLE="0",
+               TENSORBOARD_PORT="6006")
     config = compose_config(tmp_path, "".join(f"{k}={v}\n" for k, v in env.items()))
     vllm, trainer = config["services"]["vllm"]["environment"], config["services"]["trainer"]["environment"]
     for name in serve.OWN_SETTINGS + ("MODEL_NAME", "HF_TOKEN", "NCCL_CUMEM_ENABLE"):
         assert vllm[name] == env[name], name
     trainer_only = {f.metadata["env"] for f in dataclasses.fields(Settings)} - set(serve.OWN_SETTINGS) - {"MODEL_NAME"}
     assert {"VLLM_WAIT_TIMEOUT", "VLLM_REQUEST_TIMEOUT", "VLLM_MAX_RETRIES", "VLLM_RETRY_MAX_WAIT"} <= trainer_only
-    compose_only = {"VLLM_START_PERIOD", "VLLM_PUBLISH_ADDRESS", "VLLM_PUBLISH_PORT", "TRAINER_STOP_GRACE_PERIOD"}
+    compose_only = {"VLLM_START_PERIOD", "VLLM_PUBLISH_ADDRESS", "VLLM_PUBLISH_PORT", "TRAINER_STOP_GRACE_PERIOD",
+                    "TENSORBOARD_PORT"}
     assert not (trainer_only | compose_only) & vllm.keys(), sorted((trainer_only | compose_only) & vllm.keys())
     # the trainer keeps the whole file: its settings and anything added for it (WANDB_API_KEY, PYTHONPATH)
     for name in trainer_only - SET_BY_COMPOSE:
@@ -129,6 +132,27 @@ def test_published_port_is_bound_to_localhost(tmp_path):
     config = compose_config(tmp_path, "", "docker-compose.yml", "docker-compose.publish.yml")
     (port,) = config["services"]["vllm"]["ports"]
     assert port["host_ip"] == "127.0.0.1" and port["target"] == 8000
+
+
+def test_tensorboard_is_opt_in_local_and_read_only(tmp_path):
+    assert "tensorboard" not in compose_config(tmp_path, "")["services"]  # not started by a plain `up`
+    board = compose_config(tmp_path, "TENSORBOARD_PORT=6100\n", profile="tensorboard")["services"]["tensorboard"]
+    (port,) = board["ports"]
+    assert port["host_ip"] == "127.0.0.1" and port["published"] == "6100" and port["target"] == 6006
+    (volume,) = board["volumes"]
+    assert volume["source"] == "runs" and volume["read_only"] is True
+    assert board["entrypoint"][:3] == ["tensorboard", "--logdir", "/workspace/runs"]
+
+
+def test_one_gpu_override_puts_both_services_on_one_card(tmp_path):
+    # what examples/smollm2.env does: COMPOSE_FILE in .env picks the override, GPU_DEVICE_0 the card
+    env = (REPO / ".env.example").read_text() + (REPO / "examples/smollm2.env").read_text() + "GPU_DEVICE_0=3\n"
+    config = compose_config(tmp_path, env, "docker-compose.yml", "docker-compose.one-gpu.yml")
+    for name in ("vllm", "trainer"):
+        (devices,) = config["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices["device_ids"] == ["3"] and devices["capabilities"] == ["gpu"], name
+    assert config["services"]["vllm"]["environment"]["VLLM_TENSOR_PARALLEL_SIZE"] == "1"
+    assert "COMPOSE_FILE=docker-compose.yml:docker-compose.one-gpu.yml" in (REPO / "examples/smollm2.env").read_text()
 
 
 def test_env_example_names_every_setting():
