@@ -17,17 +17,17 @@ import requests
 from conftest import API_KEY, REPO, run_trainer, start_server, trainer_env
 from scripts.smollm2_checkpoint import build as build_smollm2
 
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.skip(
-    reason="these settings do not yet raise held-out accuracy on 2 cores (BENCHMARKS.md, 'Learning on a real model "
-           "(CPU)'); the margins below are placeholders until a configuration is measured over seeds")]
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 EXAMPLE_ENV = REPO / "examples" / "smollm2.env"
+EVAL_ACCURACY = "eval/rewards/final_number_reward/mean"
 RUN_NAME = "smollm2-sums"
 # Shorter than the example's run, and the trainer runs in float32 on CPU (about 40 s per step on 2 cores).
-CPU_OVERRIDES = {"MODEL_NAME": None, "TORCH_DTYPE": "float32", "MAX_STEPS": 20, "EVAL_STEPS": 5, "SAVE_STEPS": 10,
+CPU_OVERRIDES = {"MODEL_NAME": None, "TORCH_DTYPE": "float32", "MAX_STEPS": 20, "EVAL_STEPS": 10, "SAVE_STEPS": 10,
                  "RUN_NAME": RUN_NAME, "OMP_NUM_THREADS": 2}
-# Not yet measured: to be set safely inside the rise measured over several seeds.
-MIN_ACCURACY_RISE = 0.3
+# Measured rises over 20 steps: 0.42 (SEED=42: 0.44 -> 0.86) and 0.45 (SEED=7: 0.38 -> 0.83); half the smaller,
+# as one sample on each of 64 prompts puts about 0.06 of chance in each estimate.
+MIN_ACCURACY_RISE = 0.2
 # One sample per prompt on 64 prompts: two estimates of the same accuracy differ by up to ~0.1 by chance alone.
 MAX_SERVED_VS_TRAINER_GAP = 0.15
 
@@ -50,7 +50,7 @@ def smollm2(tmp_path_factory) -> Path:
 
 def held_out_accuracy(server_url: str, model: str, settings: dict[str, str]) -> float:
     """What a user asks the server: each held-out problem through the chat API (one sample, the run's temperature),
-    scored by the run's accuracy reward."""
+    scored by the run's first reward (final_number: the fraction answered right)."""
     from trainer.data import load_prompts
     from trainer.rewards import resolve
 
@@ -68,7 +68,7 @@ def held_out_accuracy(server_url: str, model: str, settings: dict[str, str]) -> 
 
     with ThreadPoolExecutor(16) as pool:  # one batch on the server, as the trainer's evaluation sends it
         answers = list(pool.map(ask, prompts["prompt"]))
-    scores = resolve("accuracy")(completions=[[{"role": "assistant", "content": a}] for a in answers],
+    scores = resolve(settings["REWARD_FUNCS"].split(",")[0])(completions=[[{"role": "assistant", "content": a}] for a in answers],
                                  solution=prompts["solution"])
     return sum(s or 0.0 for s in scores) / len(scores)
 
@@ -83,10 +83,11 @@ def test_smollm2_learns_single_digit_sums_and_serves_the_result(smollm2, tmp_pat
         result = run_trainer(env, tmp_path / "trainer.log", timeout=1500)
         assert result.returncode == 0, result.stdout[-4000:]
         rows = [json.loads(line) for line in (tmp_path / "runs" / RUN_NAME / "metrics.jsonl").read_text().splitlines()]
-        evals = [r["eval/rewards/accuracy_reward/mean"] for r in rows if "eval/rewards/accuracy_reward/mean" in r]
-        assert len(evals) == 4, rows[-1]
-        assert rows[-1]["step"] == 20 and "eval/rewards/accuracy_reward/mean" in rows[-1]
+        evals = [r[EVAL_ACCURACY] for r in rows if EVAL_ACCURACY in r]
+        assert len(evals) == 2, rows[-1]
+        assert rows[-1]["step"] == 20 and EVAL_ACCURACY in rows[-1]
         last = evals[-1]
+        print(f"held-out accuracy: base model {before:.3f}, during training {evals}")
         assert last - before >= MIN_ACCURACY_RISE, f"held-out accuracy {before:.2f} before, {evals} during training"
 
         # The run is over, and the server answers as the trained policy under the run's name.
@@ -94,6 +95,7 @@ def test_smollm2_learns_single_digit_sums_and_serves_the_result(smollm2, tmp_pat
                                                   headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]]
         assert RUN_NAME in models, models
         served = held_out_accuracy(server.url, RUN_NAME, settings)
+        print(f"held-out accuracy of the final adapter served as {RUN_NAME!r}: {served:.3f}")
         assert abs(served - last) <= MAX_SERVED_VS_TRAINER_GAP, (served, last)
         assert served - before >= MIN_ACCURACY_RISE - MAX_SERVED_VS_TRAINER_GAP, (served, before)
     finally:
