@@ -100,13 +100,6 @@ class AdapterPublisher:
         fsync_tree(path)
         self.client.load_lora_adapter(name, str(path))
 
-    def republish(self) -> None:
-        """Register the current version again, e.g. after the server restarted and lost its adapters."""
-        if self.current is None:
-            raise RuntimeError("no adapter published yet")
-        log.warning("vLLM server does not know adapter %s (did it restart?); registering it again", self.current)
-        self.client.load_lora_adapter(self.current, str(self.path_of(self.current)))
-
     def _unload(self, name: str) -> None:
         try:
             self.client.unload_lora_adapter(name)
