@@ -8,7 +8,8 @@
 #
 # Settings: ENV_FILE (compose's .env format: NAME=VALUE lines, values taken literally), then the NAME=VALUE
 # arguments. The run's files land in RUNS_DIR/RUN_NAME as in the stack, with vllm.log and gpu-memory.csv beside
-# them. VLLM_PYTHON and TRAINER_PYTHON name the interpreters of the two environments (default python3).
+# them. VLLM_PYTHON and TRAINER_PYTHON name the interpreters of the two environments (default python3);
+# VLLM_START_TIMEOUT is how many seconds the server may take to become healthy (default 1800).
 # Exit status: the trainer's.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

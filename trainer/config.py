@@ -106,7 +106,7 @@ class Settings:
     eval_split: str = setting("EVAL_SPLIT", "test", "Split of the evaluation data set.")
     eval_steps: int = setting("EVAL_STEPS", 50, "Evaluate on the held-out prompts every this many steps (0: never).", at_least(0))
     eval_max_prompts: int = setting("EVAL_MAX_PROMPTS", 64, "Held-out prompts per evaluation, one completion each, sampled in one request.", at_least(1))
-    reward_funcs: tuple[str, ...] = setting("REWARD_FUNCS", ("accuracy", "boxed_format"), "Comma-separated reward names (accuracy, boxed_format, think_format) or dotted paths module.func.")
+    reward_funcs: tuple[str, ...] = setting("REWARD_FUNCS", ("accuracy", "boxed_format"), "Comma-separated reward names (accuracy, final_number, boxed_format, think_format) or dotted paths module.func.")
     reward_weights: tuple[float, ...] = setting("REWARD_WEIGHTS", (), "Comma-separated weights, one per reward; empty means all 1.")
     # --- GRPO ---
     num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
