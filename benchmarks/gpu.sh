@@ -37,7 +37,7 @@
 # On a GPU larger than 80 GB, vLLM's memory fraction is scaled so that it takes what it would take of an H100 80 GB.
 # NVLink multicast stays off in every process.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/out}
 VLLM_PYTHON=${VLLM_PYTHON:-python3}
 TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
