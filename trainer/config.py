@@ -111,7 +111,7 @@ class Settings:
     # --- GRPO ---
     num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
     micro_batch_size: int = setting("MICRO_BATCH_SIZE", 1, "Sequences per forward/backward micro-step; 1 is sequential backprop.", at_least(1))
-    gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step; sequences per step = micro batch x this.", at_least(1))
+    gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step, shared evenly by the trainer processes; sequences per step = micro batch x this, whatever the number of processes.", at_least(1))
     max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Most prompt tokens (chat template applied); longer prompts are skipped, not cut, and counted in the log.", at_least(1))
     max_completion_length: int = setting("MAX_COMPLETION_LENGTH", 3584, "Most tokens sampled per completion; one that hits it counts as clipped.", at_least(1))
     temperature: float = setting("TEMPERATURE", 1.0, "Sampling temperature.", between(0.01, 10.0))
@@ -133,6 +133,12 @@ class Settings:
     samples_per_step: int = setting("SAMPLES_PER_STEP", 2, "Completions written each time.", at_least(1))
     logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps (times and tokens then cover all of them).", at_least(1))
     report_to: tuple[str, ...] = setting("REPORT_TO", ("tensorboard",), "Comma-separated: tensorboard, wandb, trackio, or none.", each_one_of(*REPORT_TARGETS))
+    # --- trainer processes (trainer/launch.py starts them) ---
+    trainer_processes: int = setting("TRAINER_PROCESSES", 0, "Trainer processes on this node, one per GPU: with more than one in all (this times NNODES), each holds whole layers, FSDP2 shards the frozen base across them, each runs its share of the micro-steps and the gradients are averaged; with one, the model's layers are spread over the visible GPUs. 0: one per visible GPU (a host without GPU needs a number).", at_least(0))
+    nnodes: int = setting("NNODES", 1, "Nodes the trainer's processes run on (torchrun --nnodes).", at_least(1))
+    node_rank: int = setting("NODE_RANK", 0, "This node's index among NNODES, from 0 (torchrun --node-rank).", at_least(0))
+    master_addr: str = setting("MASTER_ADDR", "localhost", "Address of node 0, where the processes meet (torchrun --master-addr); reachable from every node.")
+    master_port: int = setting("MASTER_PORT", 29500, "Port on node 0 where the processes meet (torchrun --master-port).", between(1, 65535))
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -202,6 +208,11 @@ class Settings:
             problems.append(
                 f"MICRO_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS = {self.sequences_per_step} sequences per step must be "
                 f"a multiple of NUM_GENERATIONS={self.num_generations} (each prompt's whole group trains in one step)")
+        if applies("NODE_RANK", "NNODES") and self.node_rank >= self.nnodes:
+            problems.append(f"NODE_RANK={self.node_rank} must be below NNODES={self.nnodes} (nodes count from 0)")
+        if applies("TRAINER_PROCESSES", "NNODES", "GRADIENT_ACCUMULATION_STEPS") and self.trainer_processes \
+                and (problem := self.process_split_problem(self.trainer_processes)):
+            problems.append(problem)
         if not RUN_NAME_PATTERN.match(self.run_name):
             problems.append(f"RUN_NAME={self.run_name!r}: use letters, digits, '.', '_' and '-' only")
         if applies("REWARD_WEIGHTS", "REWARD_FUNCS") and self.reward_weights \
@@ -213,6 +224,15 @@ class Settings:
         if applies("REPORT_TO") and "none" in self.report_to and len(self.report_to) > 1:
             problems.append("REPORT_TO: 'none' cannot be combined with other targets")
         return problems
+
+    def process_split_problem(self, processes_per_node: int) -> str | None:
+        """Why the step's micro-steps cannot be shared evenly by the processes, or None."""
+        processes = processes_per_node * self.nnodes
+        if self.gradient_accumulation_steps % processes:
+            return (f"GRADIENT_ACCUMULATION_STEPS={self.gradient_accumulation_steps} micro-steps per step cannot be "
+                    f"shared evenly by {processes} trainer processes (TRAINER_PROCESSES x NNODES): make it a multiple "
+                    f"of {processes}")
+        return None
 
     def describe(self) -> str:
         """One `NAME=value` per line, secrets masked, for the run log."""

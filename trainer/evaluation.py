@@ -38,7 +38,8 @@ class Evaluator(TrainerCallback):
         if not (self.every and state.global_step % self.every == 0):
             return
         try:
-            self.pending.update(self.evaluate(state.global_step))
+            self.generation.sync_weights()  # by every rank; then rank 0 samples and every rank gets the metrics
+            self.pending.update(self.generation.ranks.on_main(lambda: self.evaluate(state.global_step)))
         except StopRequested:  # the stop callback saves this step and ends the run
             log.warning("evaluation at step %d skipped: stop requested while waiting for the server",
                         state.global_step)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from .adapter_sync import AdapterPublisher
+from .ranks import Ranks
 from .vllm_client import AdapterNotFound, Completion, ServerUnavailable, VLLMServerClient
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,14 @@ class ServerRecovery:
 
 
 class ServerGeneration:
-    def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int], *,
-                 max_completion_length: int, temperature: float, top_p: float, wait_timeout: float,
-                 stop_requested: Callable[[], bool] = lambda: False):
+    """Every rank calls `sync_weights`, `generate` and `check_server_accepts_adapter` (TRL does), and each waits for
+    rank 0's outcome; `sample` is rank 0's own."""
+
+    def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int],
+                 ranks: Ranks = Ranks(), *, max_completion_length: int, temperature: float, top_p: float,
+                 wait_timeout: float, stop_requested: Callable[[], bool] = lambda: False):
         self.client = client
+        self.ranks = ranks
         self.publisher = publisher
         self.current_step = current_step
         self.max_completion_length = max_completion_length
@@ -110,7 +115,8 @@ class ServerGeneration:
         if step == self.published_step:
             return
         start = time.perf_counter()
-        name = self.recovery.call(f"registering adapter version {step}", lambda: self.publisher.publish(step))
+        name = self.ranks.on_main(lambda: self.recovery.call(f"registering adapter version {step}",
+                                                             lambda: self.publisher.publish(step)))
         self.published_step = step
         seconds = time.perf_counter() - start
         self.timings.sync_seconds += seconds
@@ -119,23 +125,35 @@ class ServerGeneration:
     def generate(self, prompts: list[list[int]], images, num_generations: int, profiler=None):
         if images is not None and any(i is not None for i in images):
             raise ValueError("image prompts are not supported by this trainer")
-        # TRL repeats each prompt num_generations times; the server samples the group with n= in one request.
+        # As TRL's server mode: rank 0 samples every rank's prompts in one request, each rank takes its slice. A
+        # prompt's group may be split over two ranks; gathered in rank order, the groups are whole again.
+        all_prompts = [p for rank_prompts in self.ranks.gather(prompts) for p in rank_prompts]
+        with profiler or nullcontext():  # TRL's timing metric of the generation call
+            sampled = self.ranks.on_main(lambda: self._sample_groups(all_prompts, num_generations))
+        mine = sampled[self.ranks.rank * len(prompts):(self.ranks.rank + 1) * len(prompts)]
+        prompt_ids = [prompt for prompt, _, _ in mine]
+        completion_ids = [token_ids for _, token_ids, _ in mine]
+        logprobs = [[[lp] for lp in token_logprobs] for _, _, token_logprobs in mine]  # TRL's (batch, length, 1)
+        return prompt_ids, completion_ids, logprobs, None
+
+    def _sample_groups(self, prompts: list[list[int]], num_generations: int) -> list[tuple]:
+        """(prompt, completion token IDs, logprobs) for each of `prompts`, which repeat each prompt
+        `num_generations` times in a row (TRL's groups); the server samples a group with n= in one request."""
         unique_prompts = prompts[::num_generations]
         start = time.perf_counter()
-        with profiler or nullcontext():  # TRL's timing metric of the generation call
-            completions = self.sample("generation", unique_prompts, n=num_generations)
+        completions = self.sample("generation", unique_prompts, n=num_generations)
         self.timings.generation_seconds += time.perf_counter() - start
         self.timings.adapter = self.publisher.current
         self.timings.completion_tokens += sum(len(c.token_ids) for c in completions)
         self.timings.prompt_tokens += sum(len(p) for p in unique_prompts) * num_generations
-        prompt_ids = [unique_prompts[c.prompt_index] for c in completions]
-        completion_ids = [c.token_ids for c in completions]
-        logprobs = [[[lp] for lp in c.logprobs] for c in completions]  # TRL's (batch, length, top-k=1) shape
-        return prompt_ids, completion_ids, logprobs, None
+        return [(unique_prompts[c.prompt_index], c.token_ids, c.logprobs) for c in completions]
 
     # ------------------------------------------------------------------ for the trainer's own requests
     def sample(self, what: str, prompts: list[list[int]], n: int) -> list[Completion]:
-        """`n` completions per prompt (token IDs) from the current step's adapter, in prompt order."""
+        """`n` completions per prompt (token IDs) from the current step's adapter, in prompt order. On rank 0 only,
+        after every rank called `sync_weights`."""
+        if self.ranks.distributed and self.published_step != self.current_step():
+            raise RuntimeError("sample() before sync_weights(): with several ranks the adapter is published by all")
         self.sync_weights()
         return self.recovery.call(what, lambda: self.client.complete(
             self.publisher.current, prompts, n=n, max_tokens=self.max_completion_length,
@@ -143,7 +161,8 @@ class ServerGeneration:
 
     def check_server_accepts_adapter(self) -> None:
         """Register and unload a probe copy of the untrained adapter: a server that cannot take it fails the start."""
-        self.recovery.call("start-up probe (adapter registration)", self.publisher.check_server_accepts)
+        self.ranks.on_main(lambda: self.recovery.call("start-up probe (adapter registration)",
+                                                      self.publisher.check_server_accepts))
 
     # ------------------------------------------------------------------ recovery
     def _restore_adapter(self) -> None:

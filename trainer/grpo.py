@@ -19,6 +19,7 @@ from .adapter_sync import AdapterPublisher
 from .checkpoints import mark_complete
 from .generation import ServerGeneration
 from .model import on_output_head_device
+from .ranks import Ranks, shard_frozen_base
 from .run_log import MicroStepMemory
 from .vllm_client import VLLMServerClient
 
@@ -26,10 +27,13 @@ from .vllm_client import VLLMServerClient
 class MeasuredGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer, reporting each micro-step's peak GPU memory, with the layers free to span GPUs."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, ranks: Ranks, **kwargs):
         args = kwargs["args"]
-        self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir))
+        self.ranks = ranks
+        self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir), ranks)
         super().__init__(**kwargs)
+        if ranks.distributed:  # after TRL added the LoRA layers, before accelerate wraps the model in DDP
+            shard_frozen_base(self.model)
 
     def _prepare_inputs(self, generation_batch):
         self._micro_batch = super()._prepare_inputs(generation_batch)
@@ -58,11 +62,14 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
                  stop_requested: Callable[[], bool], **kwargs):
         args = kwargs["args"]
 
+        ranks = kwargs["ranks"]
+
         def make_backend(model, **_):  # called by GRPOTrainer.__init__ in place of TRL's VLLMGeneration
             publisher = AdapterPublisher(model, client, adapters_dir)
-            publisher.remove_leftovers()
+            if ranks.is_main:
+                publisher.remove_leftovers()
             return ServerGeneration(
-                client, publisher, lambda: self.state.global_step,
+                client, publisher, lambda: self.state.global_step, ranks,
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
                 wait_timeout=wait_timeout, stop_requested=stop_requested)
 
@@ -73,4 +80,7 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+        self.ranks.barrier()  # every rank's RNG state is in the checkpoint before the manifest lists its files
+        if self.ranks.is_main:
+            mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+        self.ranks.barrier()

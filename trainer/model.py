@@ -23,8 +23,10 @@ def load_tokenizer(model_name: str):
 
 
 def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
-               gradient_checkpointing: bool):
-    if attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
+               gradient_checkpointing: bool, device: torch.device | None = None):
+    """The whole model on `device` (one trainer rank: FSDP2 shards it afterwards), or, without one, its layers
+    spread over the visible GPUs within the budget (one trainer process)."""
+    if device is None and attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
         # seen on 2 x H100 with transformers 5.17: its padding mask stays on the first GPU, and Inductor cannot
         # lower the flex kernel of a layer on the second ("Buffers cannot be created while lowering a pointwise
         # subgraph"); the first micro-step fails after a whole generation
@@ -36,7 +38,11 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # LoRA trains on bf16 weights
-    if torch.cuda.is_available():
+    if device is not None:
+        # Each rank reads the checkpoint itself onto its own device, so one rank briefly holds the whole bf16
+        # model before FSDP2 frees all but its shard; loading on one rank and broadcasting would halve that peak.
+        kwargs["device_map"] = {"": device}
+    elif torch.cuda.is_available():
         kwargs["device_map"] = "balanced"  # half the layers per GPU, beside the TP=2 server's halves
         kwargs["max_memory"] = {i: f"{gpu_memory_budget_gib}GiB" for i in range(torch.cuda.device_count())}
     model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .ranks import Ranks
+
 log = logging.getLogger("trainer")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -31,28 +33,33 @@ class BarAwareHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: Path) -> None:
-    """Log to stdout (for `docker compose logs trainer`) and append to run_dir/training.log (kept across restarts)."""
+def setup_logging(run_dir: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Log to stdout (for `docker compose logs trainer`) and append to run_dir/training.log (kept across restarts);
+    with several trainer processes, rank 0 writes training.log and every rank's lines on stdout carry its rank."""
     run_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = logging.Formatter(LOG_FORMAT)
-    for handler in (BarAwareHandler(), logging.FileHandler(run_dir / "training.log")):
+    formatter = logging.Formatter(LOG_FORMAT if world_size == 1 else LOG_FORMAT.replace(
+        "%(name)s", f"%(name)s rank {rank}"))
+    handlers = [BarAwareHandler()] + ([logging.FileHandler(run_dir / "training.log")] if rank == 0 else [])
+    for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "backoff"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def peak_memory_gib() -> dict[str, float]:
-    """Peak allocated memory since the last call, per CUDA device (reset after reading); host max RSS on CPU."""
+def peak_memory_gib(ranks: Ranks = Ranks()) -> dict[str, float]:
+    """Peak allocated memory since the last call, per CUDA device (reset after reading); host max RSS on CPU.
+    A rank reads its own device only, named with its rank."""
+    prefix = f"rank{ranks.rank}." if ranks.distributed else ""
     if not torch.cuda.is_available():
-        return {"cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        return {f"{prefix}cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     peaks = {}
-    for device in range(torch.cuda.device_count()):
-        peaks[f"cuda:{device}"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for device in [ranks.local_rank] if ranks.distributed else range(torch.cuda.device_count()):
+        peaks[f"{prefix}cuda:{device}"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
     return peaks
 
@@ -60,7 +67,8 @@ def peak_memory_gib() -> dict[str, float]:
 class MicroStepMemory:
     """Logs `torch.cuda.max_memory_allocated()` per device after each micro-step; keeps the step's maximum."""
 
-    def __init__(self, micro_steps_per_step: int, run_dir: Path):
+    def __init__(self, micro_steps_per_step: int, run_dir: Path, ranks: Ranks = Ranks()):
+        self.ranks = ranks
         self.micro_steps_per_step = micro_steps_per_step
         self.path = run_dir / "memory.jsonl"
         self.micro_step = 0
@@ -68,13 +76,14 @@ class MicroStepMemory:
 
     def record(self, step: int, sequences: int, tokens: int) -> None:
         self.micro_step += 1
-        peaks = peak_memory_gib()
+        peaks = peak_memory_gib(self.ranks)
         for device, gib in peaks.items():
             self.step_peak[device] = max(gib, self.step_peak.get(device, 0.0))
         index = (self.micro_step - 1) % self.micro_steps_per_step + 1
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step + 1, "micro_step": index, "sequences": sequences, "tokens": tokens,
-                                "peak_gib": peaks}) + "\n")
+        rank = {"rank": self.ranks.rank} if self.ranks.distributed else {}
+        with open(self.path, "a") as f:  # one write per line: the ranks' lines do not interleave
+            f.write(json.dumps({"step": step + 1, "micro_step": index, **rank, "sequences": sequences,
+                                "tokens": tokens, "peak_gib": peaks}) + "\n")
         log.info("micro-step %d/%d of step %d: %d seq, %d tokens, peak memory %s", index, self.micro_steps_per_step,
                  step + 1, sequences, tokens, " ".join(f"{d}={g:.2f}GiB" for d, g in peaks.items()))
 
@@ -100,7 +109,9 @@ IMPORTANCE_WEIGHT_WARNING = 0.5
 class RunLogger(TrainerCallback):
     """Per step: one human line (stdout + training.log) and one JSON line in metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters, pending: dict):
+    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters, pending: dict,
+                 ranks: Ranks = Ranks()):
+        self.ranks = ranks  # on every rank, to gather their memory peaks; rank 0 writes
         self.metrics_path = run_dir / "metrics.jsonl"
         self.generation = generation
         self.memory = memory
@@ -121,6 +132,10 @@ class RunLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "reward" not in logs:  # the end-of-training summary has no step metrics
             return
+        memory_peaks = {device: gib for peaks in self.ranks.gather(self.memory.take_step_peak())
+                        for device, gib in peaks.items()}
+        if not self.ranks.is_main:
+            return
         step_seconds = time.perf_counter() - self.step_started if self.step_started else float("nan")
         self.step_started = None
         timings = self.generation.take_timings()
@@ -134,7 +149,7 @@ class RunLogger(TrainerCallback):
                   "tokens/generation_per_s": timings.completion_tokens / max(timings.generation_seconds, 1e-9),
                   "tokens/train_per_s": (timings.completion_tokens + timings.prompt_tokens) / train_seconds,
                   "server/recoveries": timings.recoveries,
-                  **{f"memory/peak_gib/{d}": g for d, g in self.memory.take_step_peak().items()},
+                  **{f"memory/peak_gib/{d}": g for d, g in memory_peaks.items()},
                   **self.extra_counters(), **self.pending}
         self.pending.clear()
         with open(self.metrics_path, "a") as f:

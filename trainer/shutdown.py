@@ -7,11 +7,14 @@ import signal
 
 from transformers import TrainerCallback
 
+from .ranks import Ranks
+
 log = logging.getLogger(__name__)
 
 
 class GracefulStop(TrainerCallback):
-    def __init__(self):
+    def __init__(self, ranks: Ranks = Ranks()):
+        self.ranks = ranks
         self.requested = False
         self.training = False
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -32,6 +35,9 @@ class GracefulStop(TrainerCallback):
         self.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Each rank gets its own SIGTERM, not all within the same step: they agree here, at every step's end, so
+        # that all save the same checkpoint and stop together.
+        self.requested = self.ranks.any(self.requested)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True

@@ -2,6 +2,8 @@
 
     python train_grpo_vllm.py            # settings from the environment (.env in the compose stack)
     python train_grpo_vllm.py --help     # every setting, its default and meaning
+
+The container starts it through launch.py, which starts one process per GPU (TRAINER_PROCESSES) with torchrun.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from trainer.generation import ServerGeneration, ServerRecovery
 from trainer.grpo import AdapterSyncGRPOTrainer
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.preflight import checked_settings
+from trainer.ranks import Ranks, collective_timeout_seconds, start_ranks
 from trainer.rewards import RewardError, load_rewards
 from trainer.run_log import RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
@@ -37,10 +40,13 @@ class QuietProgress(ProgressCallback):
         pass
 
 
-def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
+def grpo_config(s: Settings, use_cpu: bool, processes: int = 1) -> GRPOConfig:
     return GRPOConfig(
         output_dir=str(s.run_dir), run_name=s.run_name, seed=s.seed,
-        per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
+        # each process runs its share of the step's micro-steps (launch.py checked they divide evenly)
+        per_device_train_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps // processes,
+        ddp_timeout=int(collective_timeout(s)), ddp_find_unused_parameters=False,
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, top_p=s.top_p, loss_type=s.loss_type, beta=s.beta,
         learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps,
@@ -63,15 +69,20 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip() + "\n\n" + help_text())
         return 0
     try:
-        settings = checked_settings(os.environ)  # all that needs no server, before waiting for it
+        if os.environ.get("TRAINER_SETTINGS_CHECKED") == "1":  # by launch.py, once for all processes
+            settings = Settings.from_env(os.environ)
+        else:
+            settings = checked_settings(os.environ)  # all that needs no server, before waiting for it
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.run_dir)
-    stop = GracefulStop()
-    log.info("resolved settings:\n%s", settings.describe())
+    ranks = start_ranks(collective_timeout(settings))
+    setup_logging(settings.run_dir, ranks.rank, ranks.world_size)
+    stop = GracefulStop(ranks)
+    if ranks.is_main:
+        log.info("resolved settings:\n%s", settings.describe())
     try:
-        return train(settings, stop)
+        return train(settings, stop, ranks)
     except (SettingsError, DatasetError, RewardError) as exc:  # found only later: still the settings' fault
         log.error("%s", exc)
         return 2
@@ -86,6 +97,11 @@ def main(argv: list[str]) -> int:
         return 1
 
 
+def collective_timeout(s: Settings) -> float:
+    return collective_timeout_seconds(s.vllm_wait_timeout, s.vllm_request_timeout, s.vllm_max_retries,
+                                      s.vllm_retry_max_wait)
+
+
 def disk_full(exc: BaseException | None) -> bool:
     """True if `exc` or anything that caused it is 'No space left on device' (torch and safetensors rewrap it)."""
     while exc is not None:
@@ -95,7 +111,7 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
-def train(s: Settings, stop: GracefulStop) -> int:
+def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(s.run_dir / "tb"))
     reward_funcs = load_rewards(s.reward_funcs)  # unknown names fail before anything slow
     client = VLLMServerClient(s.server_url, s.vllm_api_key, s.vllm_request_timeout, s.vllm_max_retries,
@@ -105,20 +121,20 @@ def train(s: Settings, stop: GracefulStop) -> int:
              s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p)
     tokenizer = load_tokenizer(s.model_name)
     dataset = training_prompts(s, tokenizer)  # prompts too long for MAX_PROMPT_LENGTH are found before the wait
-    check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested))
+    ranks.on_main(lambda: check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested)))
 
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
-                       s.gradient_checkpointing)
-    trainer = AdapterSyncGRPOTrainer(
+                       s.gradient_checkpointing, device=ranks.device() if ranks.distributed else None)
+    trainer = AdapterSyncGRPOTrainer(ranks=ranks,
         client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
         stop_requested=lambda: stop.requested,
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
-        args=grpo_config(s, use_cpu=not torch.cuda.is_available()),
+        args=grpo_config(s, use_cpu=not torch.cuda.is_available(), processes=ranks.world_size),
         peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
     check_adapter_registration(trainer.vllm_generation)
-    add_callbacks(trainer, s, reward_funcs, stop)
+    add_callbacks(trainer, s, reward_funcs, stop, ranks)
 
-    checkpoint = latest_intact_checkpoint(s.run_dir)
+    checkpoint = ranks.on_main(lambda: latest_intact_checkpoint(s.run_dir))
     log.info("resuming from %s", checkpoint) if checkpoint else log.info("starting a new run in %s", s.run_dir)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -132,10 +148,11 @@ def train(s: Settings, stop: GracefulStop) -> int:
         return 0
     final = s.run_dir / "final_adapter"
     trainer.save_model(str(final))
+    ranks.barrier()
     log.info("finished %d steps; final adapter (PEFT, loadable by transformers and vLLM) in %s",
              trainer.state.global_step, final)
     try:
-        trainer.vllm_generation.publisher.publish_final(s.run_name, final)
+        ranks.on_main(lambda: trainer.vllm_generation.publisher.publish_final(s.run_name, final))
         log.info("the vLLM server at %s serves the final adapter as model %r", s.server_url, s.run_name)
     except ServerError as exc:  # the adapter is saved; serving it is a convenience that must not fail the run
         log.warning("could not register the final adapter with the vLLM server as %r: %s", s.run_name, exc)
@@ -154,16 +171,18 @@ def check_server(s: Settings, recovery: ServerRecovery) -> None:
         log.warning("the server serves %r but MODEL_NAME is %r: adapters are trained on MODEL_NAME", served["id"], s.model_name)
 
 
-def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, stop: GracefulStop) -> None:
+def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, stop: GracefulStop,
+                  ranks: Ranks) -> None:
     pending_metrics: dict = {}  # filled by the evaluator at step end, written with the step's metrics
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
         trainer.add_callback(Evaluator(trainer.vllm_generation, trainer.processing_class, eval_dataset, reward_funcs,
                                        s.reward_weights, s.eval_steps, pending_metrics, s.chat_template_kwargs))
-    trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
+    if ranks.is_main:
+        trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
     trainer.add_callback(RunLogger(s.run_dir, trainer.vllm_generation, trainer.memory, lambda: {
-        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
+        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics, ranks))
     trainer.add_callback(stop)
 
 

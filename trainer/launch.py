@@ -1,0 +1,87 @@
+"""The trainer container's command: check the settings once, then start the trainer as one process, or as
+TRAINER_PROCESSES processes per node through `torchrun` (its static rendezvous at MASTER_ADDR:MASTER_PORT, the same
+command on every node with its own NODE_RANK).
+
+    python launch.py            # settings from the environment, as train_grpo_vllm.py
+    python launch.py --help
+
+A bad setting exits 2 here, once, before any process or GPU is started.
+
+SIGTERM (`docker compose down`) goes to the trainer processes themselves, not to torchrun: torchrun answers a
+signal by stopping its workers within its shutdown timeout and exiting 1 whatever they did, while each rank,
+signalled directly, finishes the step with the others, checkpoints and exits 0, and torchrun then exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from the trainer directory, as the container does
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.config import SettingsError  # noqa: E402
+from trainer.preflight import checked_settings  # noqa: E402
+
+ENTRY_SCRIPT = Path(__file__).resolve().with_name("train_grpo_vllm.py")
+
+
+def processes_per_node(requested: int) -> int:
+    if requested:
+        return requested
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise SettingsError("TRAINER_PROCESSES=0 means one process per visible GPU, and no GPU is visible: set "
+                            "TRAINER_PROCESSES to the number of processes (1 on a host without GPU)")
+    return visible
+
+
+def torchrun_command(settings, per_node: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={settings.nnodes}",
+            f"--node-rank={settings.node_rank}", f"--nproc-per-node={per_node}",
+            f"--master-addr={settings.master_addr}", f"--master-port={settings.master_port}",
+            str(ENTRY_SCRIPT)]
+
+
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        os.execv(sys.executable, [sys.executable, str(ENTRY_SCRIPT), "--help"])
+    try:
+        settings = checked_settings(os.environ)
+        per_node = processes_per_node(settings.trainer_processes)
+        if problem := settings.process_split_problem(per_node):
+            raise SettingsError([problem])
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, TRAINER_SETTINGS_CHECKED="1")  # the processes skip the checks just made
+    if per_node * settings.nnodes == 1:
+        os.execve(sys.executable, [sys.executable, str(ENTRY_SCRIPT)], env)
+    return run_torchrun(torchrun_command(settings, per_node), env)
+
+
+def run_torchrun(command: list[str], env: dict) -> int:
+    import psutil
+
+    torchrun = subprocess.Popen(command, env=env)
+
+    def forward_to_ranks(signum, frame):
+        # torchrun's direct children are this node's trainer processes
+        for worker in psutil.Process(torchrun.pid).children():
+            try:
+                worker.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward_to_ranks)
+    return torchrun.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
