@@ -123,7 +123,7 @@ class Settings:
     lr_scheduler: str = setting("LR_SCHEDULER", "constant_with_warmup", "Learning-rate schedule.", one_of(*LR_SCHEDULERS))
     warmup_steps: int = setting("WARMUP_STEPS", 5, "Optimizer steps of linear warmup.", at_least(0))
     max_steps: int = setting("MAX_STEPS", 500, "Optimizer steps in the run.", at_least(1))
-    seed: int = setting("SEED", 42, "Seed of sampling order, LoRA init and dropout.", between(0, 2**32 - 1))
+    seed: int = setting("SEED", 42, "Seed of sampling order, LoRA init, dropout and the server's sampling (each step's requests carry it plus the step, so a step sampled again samples the same completions).", between(0, 2**32 - 1))
     # --- run, checkpoints, logs ---
     run_name: str = setting("RUN_NAME", "grpo_gptoss20b_lora4_tes", "Name of the run; its files go to RUNS_DIR/RUN_NAME.")
     runs_dir: Path = setting("RUNS_DIR", Path("runs"), "Directory of all runs (the shared volume in the stack; the server reads adapters from it).")

@@ -83,9 +83,10 @@ class ServerGeneration:
 
     def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int],
                  ranks: Ranks = Ranks(), *, max_completion_length: int, temperature: float, top_p: float,
-                 wait_timeout: float, stop_requested: Callable[[], bool] = lambda: False):
+                 wait_timeout: float, stop_requested: Callable[[], bool] = lambda: False, seed: int | None = None):
         self.client = client
         self.ranks = ranks
+        self.seed = seed  # with the step added, each step's requests sample reproducibly
         self.publisher = publisher
         self.current_step = current_step
         self.max_completion_length = max_completion_length
@@ -157,7 +158,8 @@ class ServerGeneration:
         self.sync_weights()
         return self.recovery.call(what, lambda: self.client.complete(
             self.publisher.current, prompts, n=n, max_tokens=self.max_completion_length,
-            temperature=self.temperature, top_p=self.top_p), restore=self._restore_adapter)
+            temperature=self.temperature, top_p=self.top_p,
+            seed=None if self.seed is None else self.seed + self.current_step()), restore=self._restore_adapter)
 
     def check_server_accepts_adapter(self) -> None:
         """Register and unload a probe copy of the untrained adapter: a server that cannot take it fails the start."""

@@ -81,7 +81,7 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
             return ServerGeneration(
                 client, publisher, lambda: self.state.global_step, ranks,
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-                wait_timeout=wait_timeout, stop_requested=stop_requested)
+                wait_timeout=wait_timeout, stop_requested=stop_requested, seed=args.seed)
 
         # GRPOTrainer.__init__ builds its vLLM backend from this module-level name (and would open an NCCL group
         # to the server); swapping the name for the length of __init__ is the one seam TRL offers.

@@ -177,10 +177,13 @@ class VLLMServerClient:
 
     # ------------------------------------------------------------------ generation
     def complete(self, model: str, prompts: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float) -> list[Completion]:
-        """Sample `n` completions per prompt (prompts as token IDs), in prompt order, with per-token logprobs."""
+                 top_p: float, seed: int | None = None) -> list[Completion]:
+        """Sample `n` completions per prompt (prompts as token IDs), in prompt order, with per-token logprobs; with
+        a `seed`, the same request samples the same completions whatever else the server is batching."""
         body = {"model": model, "prompt": prompts, "n": n, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+        if seed is not None:
+            body["seed"] = seed
         choices = self._json("POST", "/v1/completions", json=body)["choices"]
         choices.sort(key=lambda c: c["index"])
         if len(choices) != len(prompts) * n:
