@@ -5,8 +5,10 @@
 #   gpu.sh setup      build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download), start vLLM with
 #                     exactly the compose entrypoint's flags, wait for health
 #   gpu.sh train [NAME=VALUE ...]
-#                     run the trainer container's entry (same settings path, .env.example values, overrides
-#                     after them) against it, sampling per-process GPU memory; results to $OUT.
+#                     run the trainer container's command (trainer/launch.py: same settings path, .env.example
+#                     values, overrides after them) against it, sampling per-process GPU memory; results to $OUT.
+#                     TRAINER_PROCESSES=1: one process, the layers split over both GPUs; 2 (or 0, one per GPU):
+#                     two FSDP2 ranks. Give each run its own OUT and RUNS_DIR=/tmp/runs-<label>.
 #                     With KILL_VLLM_AFTER_ADAPTER=N, vLLM is killed 10 s after the Nth adapter this run registers
 #                     (the trainer's start registers two: a probe and policy-v0; so 2 kills it during step 1's
 #                     sampling, 3 during step 2's) and started again beside the trainer, with the overrides it last
@@ -16,6 +18,9 @@
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
 #                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
 #                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
+#   gpu.sh grad-agreement [ARGS]
+#                     the LoRA gradients of one batch with the layers split and with two FSDP2 ranks, compared
+#                     (benchmarks/grad_agreement.py; ARGS go to both, e.g. --tokens 3584)
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (benchmarks/bench_trainer.py)
 #   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
 #                     where vLLM's and the trainer's logprobs part (benchmarks/logprob_agreement.py), for the
@@ -119,7 +124,7 @@ case "${1:-}" in
       # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
         DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="$REPO"
-      entry=$REPO/trainer/train_grpo_vllm.py
+      entry=$REPO/trainer/launch.py
       python=$TRAINER_PYTHON
       if [[ $1 == train-trl-layout ]]; then  # the whole model on the second GPU; TRL's client imports vLLM
         export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70 python=$VLLM_PYTHON
@@ -178,6 +183,14 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
     adapter=$(ls -d /tmp/runs*/*/checkpoint-* | sort -t- -k2 -n | tail -1)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_generation.py" "$adapter" \
       --url "http://127.0.0.1:$PORT" --label "$2" "${@:3}" 2>&1 | tee -a "$OUT/bench-generation.jsonl" ;;
+  grad-agreement)
+    (
+      cd "$REPO"; export PYTHONPATH="$REPO"
+      "$TRAINER_PYTHON" benchmarks/grad_agreement.py "$CKPT" split "$OUT/grads-split.pt" "${@:2}"
+      "$TRAINER_PYTHON" -m torch.distributed.run --nproc-per-node=2 benchmarks/grad_agreement.py "$CKPT" ranks \
+        "$OUT/grads-ranks.pt" "${@:2}"
+      "$TRAINER_PYTHON" benchmarks/grad_agreement.py compare "$OUT/grads-split.pt" "$OUT/grads-ranks.pt"
+    ) 2>&1 | tee "$OUT/grad-agreement.log" ;;
   bench)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *)

@@ -9,11 +9,14 @@ A bad setting exits 2 here, once, before any process or GPU is started.
 
 SIGTERM (`docker compose down`) goes to the trainer processes themselves, not to torchrun: torchrun answers a
 signal by stopping its workers within its shutdown timeout and exiting 1 whatever they did, while each rank,
-signalled directly, finishes the step with the others, checkpoints and exits 0, and torchrun then exits 0.
+signalled directly, finishes the step with the others, checkpoints and exits 0, and torchrun then exits 0. So
+torchrun runs in a session of its own (a terminal's Ctrl-C reaches this process only, which passes it on once),
+and is told to stop if this process dies.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -65,10 +68,16 @@ def main(argv: list[str]) -> int:
     return run_torchrun(torchrun_command(settings, per_node), env)
 
 
+def stop_when_parent_dies() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def run_torchrun(command: list[str], env: dict) -> int:
     import psutil
 
-    torchrun = subprocess.Popen(command, env=env)
+    torchrun = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=stop_when_parent_dies)
 
     def forward_to_ranks(signum, frame):
         # torchrun's direct children are this node's trainer processes
