@@ -37,6 +37,15 @@ class MeasuredGRPOTrainer(GRPOTrainer):
         if ranks.distributed:  # after TRL added the LoRA layers, before accelerate wraps the model in DDP
             shard_frozen_base(self.model)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not (self.ranks.distributed and self.args.device.type == "cpu"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # transformers maps a multi-process run's optimizer state to args.device, which on CPU reads "cpu:<rank>",
+        # a location torch.load rejects ("don't know how to restore data location"): load it to the CPU itself
+        load = torch.load
+        with mock.patch.object(torch, "load", lambda *args, **kwargs: load(*args, **{**kwargs, "map_location": "cpu"})):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+
     def _prepare_inputs(self, generation_batch):
         self._micro_batch = super()._prepare_inputs(generation_batch)
         return self._micro_batch

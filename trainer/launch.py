@@ -33,11 +33,14 @@ ENTRY_SCRIPT = Path(__file__).resolve().with_name("train_grpo_vllm.py")
 
 
 def processes_per_node(requested: int) -> int:
-    if requested:
-        return requested
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested and visible and requested > visible:
+        raise SettingsError(f"TRAINER_PROCESSES={requested} but {visible} GPUs are visible: one process per GPU, "
+                            f"so at most {visible} (0 takes them all)")
+    if requested:
+        return requested
     if visible == 0:
         raise SettingsError("TRAINER_PROCESSES=0 means one process per visible GPU, and no GPU is visible: set "
                             "TRAINER_PROCESSES to the number of processes (1 on a host without GPU)")
@@ -74,17 +77,28 @@ def stop_when_parent_dies() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def run_torchrun(command: list[str], env: dict) -> int:
-    import psutil
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc: Linux, as the container)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
+
+def run_torchrun(command: list[str], env: dict) -> int:
     torchrun = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=stop_when_parent_dies)
 
     def forward_to_ranks(signum, frame):
         # torchrun's direct children are this node's trainer processes
-        for worker in psutil.Process(torchrun.pid).children():
+        for worker in children(torchrun.pid):
             try:
-                worker.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
+                os.kill(worker, signal.SIGTERM)
+            except ProcessLookupError:
                 pass
 
     for sig in (signal.SIGTERM, signal.SIGINT):
