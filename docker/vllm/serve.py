@@ -99,7 +99,7 @@ class ServerSettings:
     vllm_max_model_len: int = setting("VLLM_MAX_MODEL_LEN", 4096, "--max-model-len: must cover MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH (the trainer checks at start).", at_least(16))
     vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 16, "--max-num-seqs: most sequences sampled at once.", at_least(1))
     vllm_gpu_memory_utilization: float = setting("VLLM_GPU_MEMORY_UTILIZATION", 0.35, "--gpu-memory-utilization: fraction of each whole GPU vLLM takes (weights + KV cache); the trainer lives in the rest.", fraction)
-    vllm_kv_cache_dtype: str = setting("VLLM_KV_CACHE_DTYPE", "auto", "--kv-cache-dtype: auto (the model's dtype) or an fp8 format.", Choice(KV_CACHE_DTYPES, note=" ('bf16' is not a vLLM value: 'auto' keeps the model's dtype)"))
+    vllm_kv_cache_dtype: str = setting("VLLM_KV_CACHE_DTYPE", "auto", "--kv-cache-dtype: auto (the model's dtype) or an fp8 format; 'bf16' is not a vLLM value.", Choice(KV_CACHE_DTYPES, note=" ('bf16' is not a vLLM value: 'auto' keeps the model's dtype)"))
     vllm_enforce_eager: bool = setting("VLLM_ENFORCE_EAGER", False, "true: --enforce-eager (no CUDA graphs, much slower sampling). false: CUDA graphs, compiled at the first start and cached in the hf-cache volume, with the all-reduce fusion pass that crashed at TP 2 off unless VLLM_EXTRA_ARGS gives its own --compilation-config/-cc. Set true if the server fails while capturing graphs.")
     vllm_attention_backend: str = setting("VLLM_ATTENTION_BACKEND", "", "--attention-backend when set, e.g. FLASH_ATTN or TRITON_ATTN; empty lets vLLM choose.")
     vllm_max_lora_rank: int = setting("VLLM_MAX_LORA_RANK", 8, "--max-lora-rank: must be >= LORA_RANK (the trainer checks at start).", Choice(LORA_RANKS))
