@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The settings' documentation, generated from their declarations: the README's settings tables and the settings
-sections of .env.example, each between marker lines; everything outside the markers stays as written by hand.
+"""The settings' documentation, generated from their declarations, between marker lines (everything outside them
+stays as written by hand): in .env.example each setting's help above `NAME=default`, grouped as declared; in the
+README one table per service, its settings and defaults by group (the meanings stay in .env.example and `--help`).
 
     python scripts/settings_docs.py --write   # rewrite the generated parts after adding or changing a setting
     python scripts/settings_docs.py --check   # exit 1, with a diff, where a generated part differs
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ class Entry:
     help: str
     choices: tuple = ()
     fixed_by_compose: str = ""  # the service docker-compose.yml fixes it for
+    group: str = ""  # the `# --- group ---` comment above it in the declarations
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,26 @@ class Block:
     note: str = ""
 
 
+def groups_of(settings_class: type) -> dict[str, str]:
+    """Each setting's group: the `# --- name ---` comment above its declaration."""
+    groups, current = {}, ""
+    for line in inspect.getsource(settings_class).splitlines():
+        if header := re.fullmatch(r"\s*# --- (.+?) ---\s*", line):
+            current = header.group(1)
+        elif declared := re.search(r"= setting\(\s*\"(\w+)\"", line):
+            groups[declared.group(1)] = current
+    return groups
+
+
 def entries_of(settings_class: type, service: str, fixed: dict[str, set[str]], skip: set[str] = frozenset()):
+    groups = groups_of(settings_class)
     for f in dataclasses.fields(settings_class):
         name = f.metadata["env"]
         if name in skip:
             continue
         choices = getattr(f.metadata["check"], "choices", ())
         yield Entry(name, f.default, f.metadata["help"], tuple(choices),
-                    service if name in fixed.get(service, set()) else "")
+                    service if name in fixed.get(service, set()) else "", groups.get(name, ""))
 
 
 def fixed_by_compose(compose_file: Path = COMPOSE_FILE) -> dict[str, set[str]]:
@@ -119,11 +135,23 @@ def meaning(entry: Entry) -> str:
 
 
 def readme_table(block: Block) -> str:
-    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
-    for e in block.entries:
-        default = f"`{env_value(e.default)}`" if env_value(e.default) else "(empty)"
-        rows.append(f"| `{e.name}` | {default} | {meaning(e).replace('|', chr(92) + '|')} |")
+    """Names and defaults, one row per group; the meanings are in .env.example and `--help`."""
+    rows = ["| group | settings and their defaults |", "| --- | --- |"]
+    for group, entries in grouped(block.entries):
+        cells = [f"`{e.name}` ({f'`{env_value(e.default)}`' if env_value(e.default) else 'empty'}"
+                 + ("; set by docker-compose.yml)" if e.fixed_by_compose else ")") for e in entries]
+        rows.append(f"| {group or block.key} | {', '.join(cells).replace('|', chr(92) + '|')} |")
     return block.note + "\n\n" + "\n".join(rows)
+
+
+def grouped(entries: tuple[Entry, ...]) -> list[tuple[str, list[Entry]]]:
+    """Consecutive entries of one group together, in declaration order."""
+    groups: list[tuple[str, list[Entry]]] = []
+    for e in entries:
+        if not groups or groups[-1][0] != e.group:
+            groups.append((e.group, []))
+        groups[-1][1].append(e)
+    return groups
 
 
 def comment(text: str) -> list[str]:
@@ -133,13 +161,16 @@ def comment(text: str) -> list[str]:
 
 def env_lines(block: Block) -> str:
     lines = comment(block.note)
-    for e in block.entries:
-        text, line = meaning(e), f"{e.name}={env_value(e.default)}"
-        if e.fixed_by_compose:
-            text, line = text + " A value here does not reach it; the line is for runs outside compose.", "# " + line
-        elif e.name in KEEP_COMMENTED:
-            text, line = text + f" Left commented out: {KEEP_COMMENTED[e.name]}.", "# " + line
-        lines += comment(text) + [line]
+    for group, entries in grouped(block.entries):
+        if group:
+            lines.append(f"# --- {group} ---")
+        for e in entries:
+            text, line = meaning(e), f"{e.name}={env_value(e.default)}"
+            if e.fixed_by_compose:
+                text, line = text + " A value here does not reach it; the line is for runs outside compose.", "# " + line
+            elif e.name in KEEP_COMMENTED:
+                text, line = text + f" Left commented out: {KEEP_COMMENTED[e.name]}.", "# " + line
+            lines += comment(text) + [line]
     return "\n".join(lines)
 
 

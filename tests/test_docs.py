@@ -21,14 +21,24 @@ def test_settings_docs_match_the_declarations():
     assert not problems, "\n\n".join(problems)
 
 
-def test_a_changed_help_text_is_caught_in_both_files():
-    blocks = settings_docs.declared_blocks()
-    trainer = blocks[1]
+def changed_first_trainer_setting(**change) -> list:
+    server, trainer = settings_docs.declared_blocks()
     entries = list(trainer.entries)
-    entries[0] = dataclasses.replace(entries[0], help=entries[0].help + " Changed.")
-    problems = settings_docs.drift([blocks[0], dataclasses.replace(trainer, entries=tuple(entries))])
+    entries[0] = dataclasses.replace(entries[0], **change)
+    return [server, dataclasses.replace(trainer, entries=tuple(entries))]
+
+
+def test_a_changed_help_text_is_caught_in_env_example():
+    first = settings_docs.declared_blocks()[1].entries[0]
+    problems = settings_docs.drift(changed_first_trainer_setting(help=first.help + " Changed."))
+    assert [p.split(" ", 1)[0] for p in problems] == [".env.example"]  # the README's tables hold no meanings
+    assert " Changed." in problems[0] and "settings_docs.py --write" in problems[0]
+
+
+def test_a_changed_default_is_caught_in_both_files():
+    problems = settings_docs.drift(changed_first_trainer_setting(default="elsewhere"))
     assert [p.split(" ", 1)[0] for p in problems] == ["README.md", ".env.example"]
-    assert all(" Changed." in p and "settings_docs.py --write" in p for p in problems)
+    assert all("elsewhere" in p for p in problems)
 
 
 def test_check_command_exits_0_when_in_step():

@@ -90,20 +90,25 @@ def extra_args_problem(raw: str) -> str | None:
 
 @dataclass(frozen=True)
 class ServerSettings:
+    # --- model and network ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "--model: Hub name or local path (inside the containers); the server and the trainer must use the same one.")
     vllm_host: str = setting("VLLM_HOST", "0.0.0.0", "--host: address the server listens on inside its container; all interfaces, for the trainer on the compose network.")
     vllm_server_port: int = setting("VLLM_SERVER_PORT", 8000, "--port: the server's port on the compose network (the trainer connects to vllm:<port>).", between(1, 65535))
     vllm_api_key: str = setting("VLLM_API_KEY", "", "Shared secret of the trainer and the server (vLLM's --api-key, passed through its environment, not its command line); empty means none. Never logged.")
+    # --- GPUs and memory ---
     vllm_tensor_parallel_size: int = setting("VLLM_TENSOR_PARALLEL_SIZE", 2, "--tensor-parallel-size: GPUs the model is split over; at most the GPUs the container sees.", at_least(1))
     vllm_dtype: str = setting("VLLM_DTYPE", "auto", "--dtype: auto keeps the checkpoint's dtype (bf16 for gpt-oss, with MXFP4 experts).", Choice(DTYPES))
     vllm_max_model_len: int = setting("VLLM_MAX_MODEL_LEN", 4096, "--max-model-len: must cover MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH (the trainer checks at start).", at_least(16))
     vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 16, "--max-num-seqs: most sequences sampled at once.", at_least(1))
     vllm_gpu_memory_utilization: float = setting("VLLM_GPU_MEMORY_UTILIZATION", 0.35, "--gpu-memory-utilization: fraction of each whole GPU vLLM takes (weights + KV cache); the trainer lives in the rest.", fraction)
     vllm_kv_cache_dtype: str = setting("VLLM_KV_CACHE_DTYPE", "auto", "--kv-cache-dtype: auto (the model's dtype) or an fp8 format; 'bf16' is not a vLLM value.", Choice(KV_CACHE_DTYPES, note=" ('bf16' is not a vLLM value: 'auto' keeps the model's dtype)"))
+    # --- kernels ---
     vllm_enforce_eager: bool = setting("VLLM_ENFORCE_EAGER", False, "true: --enforce-eager (no CUDA graphs, much slower sampling). false: CUDA graphs, compiled at the first start and cached in the hf-cache volume, with the all-reduce fusion pass that crashed at TP 2 off unless VLLM_EXTRA_ARGS gives its own --compilation-config/-cc. Set true if the server fails while capturing graphs.")
     vllm_attention_backend: str = setting("VLLM_ATTENTION_BACKEND", "", "--attention-backend when set, e.g. FLASH_ATTN or TRITON_ATTN; empty lets vLLM choose.")
+    # --- LoRA ---
     vllm_max_lora_rank: int = setting("VLLM_MAX_LORA_RANK", 8, "--max-lora-rank: must be >= LORA_RANK (the trainer checks at start).", Choice(LORA_RANKS))
     vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "--max-loras: adapters per batch.", at_least(1))
+    # --- any other vLLM flag ---
     vllm_extra_args: str = setting("VLLM_EXTRA_ARGS", "", "More vLLM flags, split like a shell command line; JSON values in single quotes, e.g. -cc '{\"cudagraph_mode\":\"FULL\"}' (your own -cc/--compilation-config replaces the stack's).", extra_args_problem)
 
     @classmethod
