@@ -87,7 +87,7 @@ class Settings:
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", between(0.1, MAX_SECONDS))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
-    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "transformers attention of the trainer: eager; flex_attention (GPU, and only with the model on one GPU: with its layers split over two it fails); or a kernel repo such as kernels-community/vllm-flash-attn3 (fetched from the Hub, not yet run here); transformers has no sdpa for GPT-OSS.")
+    attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "Attention of the trainer: eager (any device); fa4, FlashAttention 4 with GPT-OSS's sinks and sliding window forward and backward (the image has it; Hopper or datacenter Blackwell GPUs, bfloat16); auto, fa4 where it can run, else eager; flex_attention (GPU, the model on one GPU); or another transformers name. For a model with attention sinks (GPT-OSS), kernels that lose the sinks or their gradients, or are not checked for them (kernels-community/vllm-flash-attn3, flash_attention_2/3/4, sdpa), are refused at start. docs/attention.md.")
     torch_dtype: str = setting("TORCH_DTYPE", "bfloat16", "Dtype the trainer loads the model in (MXFP4 checkpoints are dequantized to it).", one_of(*TORCH_DTYPES))
     gpu_memory_budget_gib: float = setting("GPU_MEMORY_BUDGET_GIB", 30.0, "GiB of weights the trainer may place on each GPU (layers are spread evenly); vLLM holds its share beside them.", at_least(1))
     gradient_checkpointing: bool = setting("GRADIENT_CHECKPOINTING", True, "Recompute activations in backward to keep the micro-step peak low.")
@@ -118,7 +118,7 @@ class Settings:
     top_p: float = setting("TOP_P", 1.0, "Nucleus sampling threshold.", between(0.01, 1.0))
     loss_type: str = setting("LOSS_TYPE", "dapo", "TRL loss aggregation.", one_of(*LOSS_TYPES))
     beta: float = setting("BETA", 0.0, "KL coefficient (0 keeps no reference model in memory).", at_least(0.0))
-    importance_sampling: str = setting("IMPORTANCE_SAMPLING", "token_truncate", "Correction for vLLM's and the trainer's logprobs differing (TRL's vllm_importance_sampling_mode, ratios capped at 3): token_* weigh each token by its own ratio; sequence_* by the product over the completion, which bf16's small per-token gaps drive toward 0 on long completions (0.002 at 3.6k tokens on H100, BENCHMARKS.md); off applies none.", one_of(*IMPORTANCE_SAMPLING_MODES))
+    importance_sampling: str = setting("IMPORTANCE_SAMPLING", "token_truncate", "Correction for vLLM's and the trainer's logprobs differing (TRL's vllm_importance_sampling_mode, ratios capped at 3): token_* weigh each token by its own ratio; sequence_* (TRL's default: sequence_mask) by the product over the completion, which bf16's small per-token gaps drive toward 0 on long completions (BENCHMARKS.md, \"Do vLLM and the trainer compute the same policy?\"); off applies none.", one_of(*IMPORTANCE_SAMPLING_MODES))
     learning_rate: float = setting("LEARNING_RATE", 1e-5, "Peak learning rate.", between(0.0, 1.0))
     lr_scheduler: str = setting("LR_SCHEDULER", "constant_with_warmup", "Learning-rate schedule.", one_of(*LR_SCHEDULERS))
     warmup_steps: int = setting("WARMUP_STEPS", 5, "Optimizer steps of linear warmup.", at_least(0))
