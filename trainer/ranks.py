@@ -7,8 +7,8 @@ which is broadcast whether it is a result or an error, so a server that fails on
 same error instead of leaving them in a collective until the process-group timeout.
 
 The LoRA parameters and their optimizer state are replicated, not sharded: a few MiB that every rank holds whole, so
-publishing an adapter or saving a checkpoint needs no gather and the checkpoint format is the single process's
-(a run can resume with another number of processes). Their gradients are averaged across ranks by DDP (which
+publishing an adapter or saving a checkpoint needs no gather and the checkpoint holds the single process's files.
+Their gradients are averaged across ranks by DDP (which
 accelerate wraps around the model in any multi-process run) over those parameters only; FSDP2 owns the rest.
 """
 
