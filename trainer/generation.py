@@ -3,7 +3,11 @@
 It implements the two calls GRPOTrainer makes on `trl.generation.vllm_generation.VLLMGeneration` in server mode,
 `sync_weights()` and `generate(...)`, so TRL's algorithm (losses, importance-sampling correction, metrics) runs
 unchanged; evaluation samples through it too. Faults the server recovers from (a restart, a warm-up, a storm of
-5xx answers) cost a wait, never the step: every request the trainer makes goes through `ServerRecovery`.
+5xx answers) cost a wait, never the step: every request the trainer makes goes through `ServerRecovery`, the
+rounds sampled ahead in the background (rollouts.py) included.
+
+This backend runs where the sampling happens (one process): it sees a round's prompts as one list and keys the
+round sampled ahead by them, whoever gathered them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from .adapter_sync import AdapterPublisher
+from .rollouts import Round, RoundPrefetch, staleness
 from .vllm_client import AdapterNotFound, Completion, ServerUnavailable, VLLMServerClient
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,14 @@ SERVER_LOGPROBS_MODE = "processed_logprobs"
 @dataclass
 class StepTimings:
     """What one optimizer step spent outside backprop; read and reset by the run logger."""
-    generation_seconds: float = 0.0
+    generation_seconds: float = 0.0  # the sampling requests' own duration (in the background when overlapped)
+    rollout_wait_seconds: float = 0.0  # how long the step waited for its rollouts
     sync_seconds: float = 0.0
     completion_tokens: int = 0
     prompt_tokens: int = 0
-    adapter: str = ""
+    adapter: str = ""  # the adapter that sampled the rollouts this step trains on
+    adapter_version: int = 0
+    overlapped: bool = False  # the rollouts were sampled ahead, while the trainer trained
     recoveries: int = 0
 
 
@@ -79,16 +87,27 @@ class ServerRecovery:
 class ServerGeneration:
     def __init__(self, client: VLLMServerClient, publisher: AdapterPublisher, current_step: Callable[[], int], *,
                  max_completion_length: int, temperature: float, top_p: float, wait_timeout: float,
-                 stop_requested: Callable[[], bool] = lambda: False):
+                 stop_requested: Callable[[], bool] = lambda: False, max_off_policy_steps: int = 0,
+                 steps_per_round: int = 1, last_step: Callable[[], int] = lambda: 0):
         self.client = client
         self.publisher = publisher
         self.current_step = current_step
         self.max_completion_length = max_completion_length
         self.temperature = temperature
         self.top_p = top_p
+        self.wait_timeout = wait_timeout
+        self.stop_requested = stop_requested
         self.recovery = ServerRecovery(client, wait_timeout, stop_requested, on_fault=self._count_fault)
         self.published_step: int | None = None
         self.timings = StepTimings()
+        self.max_off_policy_steps = max_off_policy_steps
+        self.steps_per_round = steps_per_round
+        self.last_step = last_step
+        # Set by the trainer: the prompt token IDs of the round after the one being sampled (None: not known).
+        self.next_round_prompts: Callable[[], list[list[int]] | None] = lambda: None
+        self.prefetch = RoundPrefetch(self._sample_ahead) if max_off_policy_steps else None
+        self._next_round: tuple[int, list[list[int]], int] | None = None  # (first step, prompts, n), not started
+        self._round = Round([], 0, [], "", 0, 0.0)  # the round the current steps train on
 
     # TRL reads `vllm_generation.vllm_client.get_server_info()` to check the server's logprobs mode.
     @property
@@ -99,7 +118,10 @@ class ServerGeneration:
         return {"model_config": {"logprobs_mode": SERVER_LOGPROBS_MODE}}
 
     def take_timings(self) -> StepTimings:
+        """This step's timings, with the adapter of the round it trained on (steps sharing a round repeat it)."""
         timings, self.timings = self.timings, StepTimings()
+        timings.adapter, timings.adapter_version = self._round.adapter, self._round.version
+        timings.overlapped = self._round.sampled_ahead
         return timings
 
     # ------------------------------------------------------------------ TRL's interface
@@ -123,15 +145,86 @@ class ServerGeneration:
         unique_prompts = prompts[::num_generations]
         start = time.perf_counter()
         with profiler or nullcontext():  # TRL's timing metric of the generation call
-            completions = self.sample("generation", unique_prompts, n=num_generations)
-        self.timings.generation_seconds += time.perf_counter() - start
-        self.timings.adapter = self.publisher.current
-        self.timings.completion_tokens += sum(len(c.token_ids) for c in completions)
+            rollouts = self._round_for(unique_prompts, num_generations)
+        self._round = rollouts
+        self.timings.rollout_wait_seconds += time.perf_counter() - start
+        self.timings.generation_seconds += rollouts.seconds
+        self.timings.recoveries += rollouts.recoveries
+        self.timings.completion_tokens += sum(len(c.token_ids) for c in rollouts.completions)
         self.timings.prompt_tokens += sum(len(p) for p in unique_prompts) * num_generations
-        prompt_ids = [unique_prompts[c.prompt_index] for c in completions]
-        completion_ids = [c.token_ids for c in completions]
-        logprobs = [[[lp] for lp in c.logprobs] for c in completions]  # TRL's (batch, length, top-k=1) shape
+        self._plan_next_round(num_generations)
+        prompt_ids = [unique_prompts[c.prompt_index] for c in rollouts.completions]
+        completion_ids = [c.token_ids for c in rollouts.completions]
+        logprobs = [[[lp] for lp in c.logprobs] for c in rollouts.completions]  # TRL's (batch, length, top-k=1) shape
         return prompt_ids, completion_ids, logprobs, None
+
+    # ------------------------------------------------------------------ rounds sampled ahead
+    def _round_for(self, prompts: list[list[int]], n: int) -> Round:
+        """The round sampled ahead for these prompts if there is one within the bound; else sampled now with the
+        current step's adapter, as without overlap."""
+        step = self.current_step()
+        ahead = self.prefetch.take(prompts, n) if self.prefetch else None
+        self.publisher.retire_idle()  # the round sampled ahead no longer holds its adapter version
+        if ahead is not None and staleness(step, ahead.version) > self.max_off_policy_steps:
+            log.warning("dropping the round sampled ahead by adapter version %d: step %d would train on it %d steps "
+                        "behind, more than MAX_OFF_POLICY_STEPS=%d; sampling it again now", ahead.version, step + 1,
+                        staleness(step, ahead.version), self.max_off_policy_steps)
+            ahead = None
+        if ahead is not None:
+            return ahead
+        self.sync_weights()
+        return self._sample_round(prompts, n, self.client, self.recovery)
+
+    def _plan_next_round(self, n: int) -> None:
+        if self.prefetch is None:
+            return
+        first_step = self.current_step() + self.steps_per_round
+        if first_step >= self.last_step():  # no round after the last one
+            return
+        prompts = self.next_round_prompts()
+        if prompts is None:  # the data ends first (an epoch boundary): that round is sampled when it is due
+            return
+        self._next_round = (first_step, prompts[::n], n)
+        self.start_next_round_when_due()
+
+    def start_next_round_when_due(self) -> None:
+        """Start sampling the next round once the current adapter is recent enough for it: at most
+        MAX_OFF_POLICY_STEPS steps before its first step. Called after each round is taken and at each step's start."""
+        if self._next_round is None or self.prefetch.in_flight:
+            return
+        first_step, prompts, n = self._next_round
+        if self.current_step() < first_step - self.max_off_policy_steps:
+            return
+        self._next_round = None
+        self.sync_weights()  # the newest adapter samples it
+        self.prefetch.start(prompts, n, self.publisher.current_version)
+
+    def _sample_ahead(self, prompts: list[list[int]], n: int) -> Round:
+        """In the background thread: its own client (a requests.Session per thread) and recovery, the same path."""
+        client = self.client.copy()
+        faults = []
+        recovery = ServerRecovery(client, self.wait_timeout, self.stop_requested, on_fault=lambda: faults.append(1))
+        rollouts = self._sample_round(prompts, n, client, recovery)
+        rollouts.recoveries = len(faults)
+        return rollouts
+
+    def _sample_round(self, prompts: list[list[int]], n: int, client: VLLMServerClient,
+                      recovery: ServerRecovery) -> Round:
+        adapter, version = self.publisher.acquire()
+        try:
+            start = time.perf_counter()
+            completions = recovery.call("generation", lambda: client.complete(
+                adapter, prompts, n=n, max_tokens=self.max_completion_length, temperature=self.temperature,
+                top_p=self.top_p), restore=lambda: self.publisher.ensure_registered(adapter, client))
+            return Round(prompts, n, completions, adapter, version, time.perf_counter() - start)
+        finally:
+            self.publisher.release(adapter)
+
+    def stop_sampling_ahead(self) -> None:
+        """The run ends: nobody will train on a round in flight."""
+        if self.prefetch is not None:
+            self.prefetch.drop()
+        self._next_round = None
 
     # ------------------------------------------------------------------ for the trainer's own requests
     def sample(self, what: str, prompts: list[list[int]], n: int) -> list[Completion]:
@@ -148,14 +241,8 @@ class ServerGeneration:
     # ------------------------------------------------------------------ recovery
     def _restore_adapter(self) -> None:
         """After a fault: register the current adapter again if the server lost it (a restart loses them all)."""
-        name = self.publisher.current
-        if name is None:
-            return
-        if name in {m["id"] for m in self.client.models()}:
-            log.info("vLLM server still has adapter %s: it was unavailable, not restarted", name)
-            return
-        log.warning("vLLM server came back without adapter %s (it restarted); registering it again", name)
-        self.client.load_lora_adapter(name, str(self.publisher.path_of(name)))
+        if self.publisher.current is not None:
+            self.publisher.ensure_registered(self.publisher.current, self.client)
 
     def _count_fault(self) -> None:
         self.timings.recoveries += 1

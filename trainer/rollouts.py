@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +37,7 @@ class Round:
     version: int
     seconds: float  # the request's own duration, from send to answer
     recoveries: int = 0
+    sampled_ahead: bool = False  # while the trainer trained, not while it waited
 
 
 @dataclass
@@ -92,6 +92,7 @@ class RoundPrefetch:
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
+        pending.result.sampled_ahead = True
         return pending.result
 
     def drop(self) -> None:
@@ -103,9 +104,3 @@ def staleness(training_step: int, version: int) -> int:
     """Optimizer steps between the adapter that sampled a round (`version`, the steps it had taken) and the policy
     that trains on it at `training_step` (steps taken before it)."""
     return training_step - version
-
-
-def timed(sample: Callable[[], tuple[list[Completion], str, int]], prompts, n) -> Round:
-    start = time.perf_counter()
-    completions, adapter, version = sample()
-    return Round(prompts, n, completions, adapter, version, time.perf_counter() - start)

@@ -16,6 +16,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 from .memory import MicroStepMemory
 from .metrics import StepMetrics
+from .rollouts import staleness
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,16 @@ class RunLogger(TrainerCallback):
         self.step_started = None
         timings = self.generation.take_timings()
         eval_seconds = self.metrics.get("eval/seconds", 0.0)
-        train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds - eval_seconds, 1e-9)
+        # Rollouts sampled ahead cost the step only the wait for them; sampled in the step, the wait is the sampling.
+        train_seconds = max(step_seconds - timings.rollout_wait_seconds - timings.sync_seconds - eval_seconds, 1e-9)
         record = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs,
                   "adapter": timings.adapter,
+                  # the step numbered k trains the policy of version k - 1 (the steps taken before it)
+                  "rollouts/adapter_version": timings.adapter_version,
+                  "rollouts/staleness": staleness(state.global_step - 1, timings.adapter_version),
+                  "rollouts/sampled_ahead": int(timings.overlapped),
                   "time/step_s": step_seconds, "time/generation_s": timings.generation_seconds,
+                  "time/rollout_wait_s": timings.rollout_wait_seconds,
                   "time/sync_s": timings.sync_seconds, "time/train_s": train_seconds, "time/eval_s": eval_seconds,
                   "tokens/generated": timings.completion_tokens,
                   "tokens/generation_per_s": timings.completion_tokens / max(timings.generation_seconds, 1e-9),
@@ -134,11 +141,13 @@ class RunLogger(TrainerCallback):
                 f"reward {format_reward(r['reward'])} ± {format_reward(r.get('reward_std', float('nan')))} | "
                 f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
-                f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
+                f"gen {r['time/generation_s']:.1f}s{' ahead' if r['rollouts/sampled_ahead'] else ''} "
+                f"wait {r['time/rollout_wait_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
                 f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "
                 f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e}, "
                 f"IS weight {r.get('sampling/importance_sampling_ratio/mean', float('nan')):.2f} | "
-                f"peak {memory} GiB | {r['adapter']}")
+                f"peak {memory} GiB | rollouts of {r['adapter']}, "
+                f"{r['rollouts/staleness']} step{'' if r['rollouts/staleness'] == 1 else 's'} behind")
 
 
 def format_reward(value: float) -> str:
