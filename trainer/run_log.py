@@ -93,7 +93,9 @@ class RunLogger(TrainerCallback):
             self.step_started = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:  # the end-of-training summary has no step metrics
+        # The end-of-training summary is no step. A step that trains on a round sampled for an earlier step (several
+        # steps per round) has the trainer's metrics but none of TRL's sampling metrics (rewards, lengths).
+        if not logs or "train_runtime" in logs:
             return
         step_seconds = time.perf_counter() - self.step_started if self.step_started else float("nan")
         self.step_started = None
@@ -138,7 +140,7 @@ class RunLogger(TrainerCallback):
         eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
         memory = "/".join(f"{v:.1f}" for k, v in r.items() if k.startswith("memory/peak_gib/"))
         return (f"step {r['step']}/{r['max_steps']} | eta {_fmt_seconds(eta) if math.isfinite(eta) else '?'} | "
-                f"reward {format_reward(r['reward'])} ± {format_reward(r.get('reward_std', float('nan')))} | "
+                f"reward {format_reward(r.get('reward', float('nan')))} ± {format_reward(r.get('reward_std', float('nan')))} | "
                 f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
                 f"gen {r['time/generation_s']:.1f}s{' ahead' if r['rollouts/sampled_ahead'] else ''} "
