@@ -37,7 +37,7 @@ from trainer.vllm_client import VLLMServerClient  # noqa: E402
 
 # TRL's fused LM head as TRL 1.16 calls it, and as the trainer calls it (from the head's GPU)
 FUSED_HEAD = ("grouped_mm+trl_fused_head", "grouped_mm+trl_fused_head+head_device_guard")
-EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert weights: 253 GiB at this size
+EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert weights: more than a GPU holds at this size
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
 
 

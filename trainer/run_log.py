@@ -62,12 +62,12 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# bf16 alone moved a well-conditioned gpt-oss-20b's logprobs by 0.05 nats per token on GPU (BENCHMARKS.md); a gap
-# above this means vLLM and the trainer compute different functions, and TRL's importance-sampling correction then
-# weights the tokens near 0.
+# bf16 alone moves a well-conditioned gpt-oss-20b's logprobs by a small fraction of this per token (BENCHMARKS.md,
+# "Do vLLM and the trainer compute the same policy?"); a gap above it means vLLM and the trainer compute different
+# functions, and TRL's importance-sampling correction then weights the tokens near 0.
 LOGP_GAP_WARNING_NATS = 1.0
 # Token-level weights stay near 1 at such gaps; per-completion weights (IMPORTANCE_SAMPLING=sequence_*) multiply the
-# small per-token gaps and averaged 0.002 at 3.6k tokens on H100 (BENCHMARKS.md): the gradient shrinks as much.
+# small per-token gaps and fall toward 0 on long completions (BENCHMARKS.md): the gradient shrinks as much.
 IMPORTANCE_WEIGHT_WARNING = 0.5
 
 
