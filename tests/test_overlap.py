@@ -19,9 +19,20 @@ OVERLAP = dict(MAX_OFF_POLICY_STEPS=1)
 
 @pytest.fixture(scope="module")
 def overlapped_run(vllm_server, tiny_model, tmp_path_factory):
+    """Four steps, evaluated every two; the rounds sampled ahead reach the server 2 s late, after the trainer has
+    registered the next adapter version: the version they name must still be registered then."""
     runs = tmp_path_factory.mktemp("overlap")
-    env = trainer_env(tiny_model, runs, vllm_server.port, MAX_STEPS=4, EVAL_STEPS=2, **OVERLAP)
-    result = run_trainer(env, runs / "stdout.log")
+    rounds = []
+
+    def delay_rounds_sampled_ahead(path, attempt, body):
+        if path == "/v1/completions" and body.get("n") == 4:
+            rounds.append(body["model"])
+            return 2.0 if len(rounds) > 1 else None
+        return None
+
+    with FaultProxy(vllm_server.url, delay_rounds_sampled_ahead) as proxy:
+        env = trainer_env(tiny_model, runs, proxy.port, MAX_STEPS=4, EVAL_STEPS=2, **OVERLAP)
+        result = run_trainer(env, runs / "stdout.log")
     assert result.returncode == 0, result.stdout[-4000:]
     return runs / "test-run"
 
@@ -36,6 +47,12 @@ def test_each_step_trains_on_rollouts_at_most_the_bound_behind(overlapped_run):
     log = (overlapped_run / "training.log").read_text()
     assert "step 3/4 |" in log and "rollouts of policy-v1, 1 step behind" in log
     assert "max_off_policy_steps=1 (the next round is sampled while a step trains)" in log
+
+
+def test_a_version_in_use_stays_registered_until_its_round_is_sampled(overlapped_run):
+    log = (overlapped_run / "training.log").read_text()
+    assert "does not know the adapter" not in log, "an adapter version was unloaded under a request naming it"
+    assert all(r["server/recoveries"] == 0 for r in metrics(overlapped_run))
 
 
 def test_rollouts_sampled_ahead_come_from_the_declared_older_adapter(overlapped_run):
