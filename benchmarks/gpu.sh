@@ -115,16 +115,16 @@ case "${1:-}" in
       overrides=(GENERATION_BATCH_SIZE=64 VLLM_MAX_NUM_SEQS=64 MAX_STEPS=9 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
       server=()
       for o in "${overrides[@]}"; do if [[ $o == VLLM_* || $o == LORA_* ]]; then server+=("$o"); fi; done
-      "$0" restart-vllm "${server[@]}"
+      bash "$0" restart-vllm "${server[@]}"
       for mode in sync:0 overlap:1; do
-        OUT=$OUT/${mode%:*} "$0" train-one "${overrides[@]}" MAX_OFF_POLICY_STEPS=${mode#*:} \
+        OUT=$OUT/${mode%:*} bash "$0" train-one "${overrides[@]}" MAX_OFF_POLICY_STEPS=${mode#*:} \
           RUNS_DIR=/tmp/runs-${mode%:*}-$(date +%s)
       done
       PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/compare_overlap.py" "$OUT/sync" "$OUT/overlap" \
         | tee "$OUT/overlap-comparison.md"
       exit 0
     fi
-    exec "$0" train-one "${@:2}" ;;
+    exec bash "$0" train-one "${@:2}" ;;
   train-one|train-trl-layout)
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv,noheader -lms 2000 \
       > /tmp/gpu-memory.csv &
@@ -219,7 +219,7 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
         "one-lora VLLM_MAX_LORAS=1" "specialize VLLM_EXTRA_ARGS=--specialize-active-lora" \
         "dual-stream VLLM_LORA_ENABLE_DUAL_STREAM=1"; do
       read -r label setting <<< "$variant"
-      "$0" serve-variant "$label" "$port" 28 VLLM_MAX_NUM_SEQS=256 ${setting:+"$setting"}
+      bash "$0" serve-variant "$label" "$port" 28 VLLM_MAX_NUM_SEQS=256 ${setting:+"$setting"}
       PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_generation.py" "$adapter" \
         --url "http://127.0.0.1:$port" --label "$label" --concurrency "${concurrency[@]}" 2>&1 | tee -a "$OUT/lora-cost.jsonl"
       kill -9 -- "-$(cat "/tmp/vllm-$label.pid")" 2>/dev/null || true
