@@ -17,7 +17,9 @@
 #                     say otherwise; vLLM is first restarted with VLLM_MAX_NUM_SEQS for the round. Results in
 #                     $OUT/sync and $OUT/overlap, side by side in $OUT/overlap-comparison.md (benchmarks/compare_overlap.py):
 #                     generation tokens/s through the adapter, step time against max(generation, training), staleness,
-#                     peak memory of all processes per GPU
+#                     peak memory of all processes per GPU. Each half alone (for a 10-minute limit per command):
+#                     `OUT=$OUT/sync gpu.sh train ... MAX_OFF_POLICY_STEPS=0`, then `... overlap ... =1`, then
+#                     `python benchmarks/compare_overlap.py $OUT/sync $OUT/overlap`
 #   gpu.sh lora-cost [CONCURRENCY ...]
 #                     what LoRA costs the server's decoding, per variant of vLLM's LoRA settings, one server at a time
 #                     beside the running one (28 GiB each), through the adapter and through the base model, at each
@@ -112,7 +114,7 @@ case "${1:-}" in
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
   train)
     if [[ "${2:-}" == compare ]]; then
-      overrides=(GENERATION_BATCH_SIZE=64 VLLM_MAX_NUM_SEQS=64 MAX_STEPS=9 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
+      overrides=(GENERATION_BATCH_SIZE=64 VLLM_MAX_NUM_SEQS=64 MAX_STEPS=8 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
       server=()
       for o in "${overrides[@]}"; do if [[ $o == VLLM_* || $o == LORA_* ]]; then server+=("$o"); fi; done
       bash "$0" restart-vllm "${server[@]}"
