@@ -13,6 +13,21 @@
 #                     (the trainer's start registers two: a probe and policy-v0; so 2 kills it during step 1's
 #                     sampling, 3 during step 2's) and started again beside the trainer, with the overrides it last
 #                     started with (what compose's restart policy does)
+#   gpu.sh train compare [NAME=VALUE ...]
+#                     the same workload trained twice on the same server, synchronous (MAX_OFF_POLICY_STEPS=0) then
+#                     overlapped (1), with a generation round of 4 steps (GENERATION_BATCH_SIZE=64) unless the overrides
+#                     say otherwise; vLLM is first restarted with VLLM_MAX_NUM_SEQS for the round. Results in
+#                     $OUT/sync and $OUT/overlap, side by side in $OUT/overlap-comparison.md (benchmarks/compare_overlap.py):
+#                     generation tokens/s through the adapter, step time against max(generation, training), staleness,
+#                     peak memory of all processes per GPU. Each half alone (for a 10-minute limit per command):
+#                     `OUT=$OUT/sync gpu.sh train ... MAX_OFF_POLICY_STEPS=0`, then `... overlap ... =1`, then
+#                     `python benchmarks/compare_overlap.py $OUT/sync $OUT/overlap`
+#   gpu.sh lora-cost [CONCURRENCY ...]
+#                     what LoRA costs the server's decoding, per variant of vLLM's LoRA settings, one server at a time
+#                     beside the running one (28 GiB each), through the adapter and through the base model, at each
+#                     concurrency (default 16 64 256): $OUT/lora-cost.jsonl. Variants: the stack's flags; LoRA on every
+#                     linear layer (no --lora-target-modules, as before); --fully-sharded-loras; --max-loras 1;
+#                     --specialize-active-lora; VLLM_LORA_ENABLE_DUAL_STREAM=1. Needs a checkpoint of a `train` run.
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
@@ -102,7 +117,22 @@ case "${1:-}" in
     wait_health 420
     cp /tmp/vllm.log "$OUT/vllm-setup.log"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
-  train|train-trl-layout)
+  train)
+    if [[ "${2:-}" == compare ]]; then
+      overrides=(GENERATION_BATCH_SIZE=64 VLLM_MAX_NUM_SEQS=64 MAX_STEPS=8 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
+      server=()
+      for o in "${overrides[@]}"; do if [[ $o == VLLM_* || $o == LORA_* ]]; then server+=("$o"); fi; done
+      bash "$0" restart-vllm "${server[@]}"
+      for mode in sync:0 overlap:1; do
+        OUT=$OUT/${mode%:*} bash "$0" train-one "${overrides[@]}" MAX_OFF_POLICY_STEPS=${mode#*:} \
+          RUNS_DIR=/tmp/runs-${mode%:*}-$(date +%s)
+      done
+      PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/compare_overlap.py" "$OUT/sync" "$OUT/overlap" \
+        | tee "$OUT/overlap-comparison.md"
+      exit 0
+    fi
+    exec bash "$0" train-one "${@:2}" ;;
+  train-one|train-trl-layout)
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv,noheader -lms 2000 \
       > /tmp/gpu-memory.csv &
     sampler=$!
@@ -160,8 +190,13 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
       export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$port" "${@:5}"
       export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round($gib * 1024 / $(gpu_total_mib), 3))")
       mapfile -t command < <("$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" --print-command)
+      if [[ -n "${LORA_TARGET_MODULES_OFF:-}" ]]; then  # vLLM's own default: LoRA kernels on every linear layer
+        mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '$0 == "--lora-target-modules" {skip=1; next}
+          skip && /^--/ {skip=0} !skip')
+      fi
       if [[ "${LORA:-on}" == off ]]; then
-        mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '/^--(max-lora-rank|max-loras)$/ {skip=1; next}
+        mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '$0 == "--lora-target-modules" {list=1; next}
+          list && /^--/ {list=0} list {next} /^--(max-lora-rank|max-loras)$/ {skip=1; next}
           skip {skip=0; next} $0 != "--enable-lora"')
       fi
       # serve.py's own settings stay out of vLLM's environment, as serve.py keeps them
@@ -191,6 +226,20 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
         "$OUT/grads-ranks.pt" "${@:2}"
       "$TRAINER_PYTHON" benchmarks/grad_agreement.py compare "$OUT/grads-split.pt" "$OUT/grads-ranks.pt"
     ) 2>&1 | tee "$OUT/grad-agreement.log" ;;
+  lora-cost)
+    adapter=$(ls -d /tmp/runs*/*/checkpoint-* | sort -t- -k2 -n | tail -1)
+    concurrency=("${@:2}"); ((${#concurrency[@]})) || concurrency=(16 64 256)
+    port=$((PORT + 1))
+    for variant in "stack" "all-linear LORA_TARGET_MODULES_OFF=1" "fully-sharded VLLM_EXTRA_ARGS=--fully-sharded-loras" \
+        "one-lora VLLM_MAX_LORAS=1" "specialize VLLM_EXTRA_ARGS=--specialize-active-lora" \
+        "dual-stream VLLM_LORA_ENABLE_DUAL_STREAM=1"; do
+      read -r label setting <<< "$variant"
+      bash "$0" serve-variant "$label" "$port" 28 VLLM_MAX_NUM_SEQS=256 ${setting:+"$setting"}
+      PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_generation.py" "$adapter" \
+        --url "http://127.0.0.1:$port" --label "$label" --concurrency "${concurrency[@]}" 2>&1 | tee -a "$OUT/lora-cost.jsonl"
+      kill -9 -- "-$(cat "/tmp/vllm-$label.pid")" 2>/dev/null || true
+      while pgrep -g "$(cat "/tmp/vllm-$label.pid")" > /dev/null; do sleep 1; done; sleep 3
+    done ;;
   bench)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *)

@@ -43,6 +43,13 @@ def test_environment_overrides_are_typed():
     ({"REPORT_TO": "none,wandb"}, "'none' cannot be combined"),
     ({"REPORT_TO": "mlflow"}, "unknown value 'mlflow'"),
     ({"GRADIENT_CHECKPOINTING": "maybe"}, "GRADIENT_CHECKPOINTING='maybe': expected true or false"),
+    ({"GENERATION_BATCH_SIZE": "24"}, "GENERATION_BATCH_SIZE=24 must be a multiple of MICRO_BATCH_SIZE x "
+                                      "GRADIENT_ACCUMULATION_STEPS = 16"),
+    ({"GENERATION_BATCH_SIZE": "128"}, "asks for 128 sequences (GENERATION_BATCH_SIZE, or MICRO_BATCH_SIZE x "
+                                       "GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS=64"),
+    ({"GRADIENT_ACCUMULATION_STEPS": "80"}, "asks for 80 sequences"),
+    ({"MAX_OFF_POLICY_STEPS": "2"}, "MAX_OFF_POLICY_STEPS=2 keeps up to 3 adapter versions in flight but "
+                                    "VLLM_MAX_LORAS=2: raise VLLM_MAX_LORAS to 3"),
 ])
 def test_wrong_values_name_the_setting(env, fragment):
     with pytest.raises(SettingsError) as err:

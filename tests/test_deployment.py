@@ -91,9 +91,10 @@ def test_each_service_gets_its_own_settings(tmp_path):
                TENSORBOARD_PORT="6006")
     config = compose_config(tmp_path, "".join(f"{k}={v}\n" for k, v in env.items()))
     vllm, trainer = config["services"]["vllm"]["environment"], config["services"]["trainer"]["environment"]
-    for name in serve.OWN_SETTINGS + ("MODEL_NAME", "HF_TOKEN", "NCCL_CUMEM_ENABLE"):
+    server_names = {f.metadata["env"] for f in dataclasses.fields(serve.ServerSettings)}
+    for name in sorted(server_names) + ["HF_TOKEN", "NCCL_CUMEM_ENABLE"]:
         assert vllm[name] == env[name], name
-    trainer_only = {f.metadata["env"] for f in dataclasses.fields(Settings)} - set(serve.OWN_SETTINGS) - {"MODEL_NAME"}
+    trainer_only = {f.metadata["env"] for f in dataclasses.fields(Settings)} - server_names
     assert {"VLLM_WAIT_TIMEOUT", "VLLM_REQUEST_TIMEOUT", "VLLM_MAX_RETRIES", "VLLM_RETRY_MAX_WAIT"} <= trainer_only
     compose_only = {"VLLM_START_PERIOD", "VLLM_PUBLISH_ADDRESS", "VLLM_PUBLISH_PORT", "TRAINER_STOP_GRACE_PERIOD",
                     "TENSORBOARD_PORT"}
@@ -194,8 +195,9 @@ def test_images_run_non_root_on_the_cuda_12_2_base(image):
 DEFAULT_COMMAND = [
     "-m", "vllm.entrypoints.openai.api_server", "--model", "openai/gpt-oss-20b", "--host", "0.0.0.0",
     "--port", "8000", "--tensor-parallel-size", "2", "--dtype", "auto", "--max-model-len", "4096",
-    "--max-num-seqs", "16", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
-    "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--logprobs-mode", "processed_logprobs",
+    "--max-num-seqs", "64", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
+    "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+    "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "--logprobs-mode", "processed_logprobs",
     "--compilation-config", '{"pass_config":{"fuse_allreduce_rms":false}}']
 
 

@@ -2,8 +2,9 @@
 
 Each optimizer step publishes a new version under a new name (`policy-v<step>`), so a request can never mix two
 versions, and vLLM's prefix cache (keyed by adapter) never serves KV computed with stale weights. Older versions
-are unloaded once nothing can use them, and their files deleted one publish later. At the end of a run the final
-adapter stays registered under the run's name.
+are unloaded once no request uses them (a round sampled ahead may still be decoding with one: `acquire`/`release`
+count them), and their files deleted one publish later. At the end of a run the final adapter stays registered
+under the run's name.
 
 NCCL weight broadcast (TRL's server mode) is not an option here: the trainer shares its GPUs with the TP=2 server
 and NCCL cannot put two ranks on one GPU.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+from collections import Counter
 from pathlib import Path
 
 from .files import fsync_tree, write_directory_atomically
@@ -30,7 +33,12 @@ class AdapterPublisher:
         self.adapters_dir = adapters_dir.resolve()
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.current: str | None = None
-        self._previous: str | None = None
+        self.current_version: int | None = None
+        self._older: list[str] = []  # registered versions before the current one, oldest first
+        self._unloaded: list[str] = []  # unloaded versions whose files go at the next publish
+        self._in_use: Counter[str] = Counter()  # requests in flight per version, from any thread
+        self._lock = threading.Lock()
+        self._restoring = threading.Lock()
 
     def path_of(self, name: str) -> Path:
         path = (self.adapters_dir / name).resolve()
@@ -45,16 +53,49 @@ class AdapterPublisher:
         path = self.path_of(name)
         write_directory_atomically(path, self.model.save_pretrained)  # a leftover of a killed run is rewritten whole
         self.client.load_lora_adapter(name, str(path))
-        if name == self.current:  # the same version written again: nothing older to retire
-            return name
-        # Generation is synchronous, so once the new version is registered no request can use the old one:
-        # unload it now (frees a --max-loras slot), delete its files a publish later (a reader may still be on them).
-        if self._previous:
-            shutil.rmtree(self.path_of(self._previous), ignore_errors=True)
-        if self.current:
-            self._unload(self.current)
-        self._previous, self.current = self.current, name
+        with self._lock:
+            if name == self.current:  # the same version written again: nothing older to retire
+                return name
+            if self.current:
+                self._older.append(self.current)
+            self.current, self.current_version = name, step
+        # Files of versions unloaded at an earlier publish go now (a reader may have been on them until then).
+        for old in self._unloaded:
+            shutil.rmtree(self.path_of(old), ignore_errors=True)
+        self._unloaded = []
+        self.retire_idle()
         return name
+
+    def acquire(self) -> tuple[str, int]:
+        """The current version's name and number, kept registered until `release`: for a request that may still
+        run after the next publish."""
+        with self._lock:
+            self._in_use[self.current] += 1
+            return self.current, self.current_version
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._in_use[name] -= 1
+
+    def retire_idle(self) -> None:
+        """Unload the older versions no request uses any more (frees their --max-loras slots); called from the
+        trainer's thread only, which owns `client`."""
+        with self._lock:
+            idle = [name for name in self._older if not self._in_use[name]]
+            self._older = [name for name in self._older if self._in_use[name]]
+        for name in idle:
+            self._unload(name)
+        self._unloaded += idle
+
+    def ensure_registered(self, name: str, client: VLLMServerClient) -> None:
+        """After a fault: register version `name` again through `client` if the server lost it (a restart loses them
+        all). One thread at a time, so that two requests recovering the same version do not load it twice."""
+        with self._restoring:
+            if name in {m["id"] for m in client.models()}:
+                log.info("vLLM server still has adapter %s: it was unavailable, not restarted", name)
+                return
+            log.warning("vLLM server came back without adapter %s (it restarted); registering it again", name)
+            client.load_lora_adapter(name, str(self.path_of(name)))
 
     def check_server_accepts(self) -> None:
         """Register and unload a probe copy of the adapter: a server that rejects it fails here, at start."""

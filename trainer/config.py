@@ -85,6 +85,8 @@ class Settings:
     vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", between(1, MAX_SECONDS))
     vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused or broken off, timeouts, 500/502/503/504, before a clear error.", at_least(1))
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", between(0.1, MAX_SECONDS))
+    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 64, "The server's --max-num-seqs (sequences it decodes at once), read by the trainer too: one generation round (GENERATION_BATCH_SIZE) must fit in it.", at_least(1))
+    vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "The server's --max-loras (adapters in one batch), read by the trainer too: overlapped sampling has up to MAX_OFF_POLICY_STEPS + 1 adapter versions in flight.", at_least(1))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
     attn_implementation: str = setting("ATTN_IMPLEMENTATION", "eager", "Attention of the trainer: eager (any device); fa4, FlashAttention 4 with GPT-OSS's sinks and sliding window forward and backward (the image has it; Hopper or datacenter Blackwell GPUs, bfloat16); auto, fa4 where it can run, else eager; flex_attention (GPU, the model on one GPU); or another transformers name. For a model with attention sinks (GPT-OSS), kernels that lose the sinks or their gradients, or are not checked for them (kernels-community/vllm-flash-attn3, flash_attention_2/3/4, sdpa), are refused at start. docs/attention.md.")
@@ -112,6 +114,8 @@ class Settings:
     num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
     micro_batch_size: int = setting("MICRO_BATCH_SIZE", 1, "Sequences per forward/backward micro-step; 1 is sequential backprop.", at_least(1))
     gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step, shared evenly by the trainer processes; sequences per step = micro batch x this, whatever the number of processes.", at_least(1))
+    generation_batch_size: int = setting("GENERATION_BATCH_SIZE", 0, "Sequences sampled in one generation round, one request to the server (TRL's generation_batch_size): a multiple of the sequences per step, which several optimizer steps then train on in turn; 0 means one step's sequences.", at_least(0))
+    max_off_policy_steps: int = setting("MAX_OFF_POLICY_STEPS", 1, "Optimizer steps the adapter that sampled a round may lag the policy when the round starts training; above 0 the next round is sampled while the trainer trains (docs/overlap.md). 0 samples each round with the newest adapter, waiting for it.", between(0, 64))
     max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Most prompt tokens (chat template applied); longer prompts are skipped, not cut, and counted in the log.", at_least(1))
     max_completion_length: int = setting("MAX_COMPLETION_LENGTH", 3584, "Most tokens sampled per completion; one that hits it counts as clipped.", at_least(1))
     temperature: float = setting("TEMPERATURE", 1.0, "Sampling temperature.", between(0.01, 10.0))
@@ -156,6 +160,16 @@ class Settings:
     @property
     def prompts_per_step(self) -> int:
         return self.sequences_per_step // self.num_generations
+
+    @property
+    def sequences_per_round(self) -> int:
+        """Sequences one generation round samples (GENERATION_BATCH_SIZE, or one step's)."""
+        return self.generation_batch_size or self.sequences_per_step
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps that train on one generation round."""
+        return max(self.sequences_per_round // self.sequences_per_step, 1)
 
     @property
     def chat_template_kwargs(self) -> dict:
@@ -213,6 +227,24 @@ class Settings:
         if applies("TRAINER_PROCESSES", "NNODES", "GRADIENT_ACCUMULATION_STEPS") and self.trainer_processes \
                 and (problem := self.process_split_problem(self.trainer_processes)):
             problems.append(problem)
+        batch = ("MICRO_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "GENERATION_BATCH_SIZE")
+        if applies(*batch) and self.sequences_per_round % self.sequences_per_step:
+            problems.append(
+                f"GENERATION_BATCH_SIZE={self.generation_batch_size} must be a multiple of MICRO_BATCH_SIZE x "
+                f"GRADIENT_ACCUMULATION_STEPS = {self.sequences_per_step} sequences per step (each step trains on a "
+                f"whole share of the round), or 0 for one step's sequences")
+        if applies(*batch, "VLLM_MAX_NUM_SEQS") and self.sequences_per_round > self.vllm_max_num_seqs:
+            problems.append(
+                f"a generation round asks for {self.sequences_per_round} sequences (GENERATION_BATCH_SIZE, or "
+                f"MICRO_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS={self.vllm_max_num_seqs}: "
+                f"the server would decode the round in parts; raise VLLM_MAX_NUM_SEQS to at least "
+                f"{self.sequences_per_round} or lower GENERATION_BATCH_SIZE")
+        if applies("MAX_OFF_POLICY_STEPS", "VLLM_MAX_LORAS") and self.max_off_policy_steps \
+                and self.vllm_max_loras < self.max_off_policy_steps + 1:
+            problems.append(
+                f"MAX_OFF_POLICY_STEPS={self.max_off_policy_steps} keeps up to {self.max_off_policy_steps + 1} adapter "
+                f"versions in flight but VLLM_MAX_LORAS={self.vllm_max_loras}: raise VLLM_MAX_LORAS to "
+                f"{self.max_off_policy_steps + 1} or lower MAX_OFF_POLICY_STEPS")
         if not RUN_NAME_PATTERN.match(self.run_name):
             problems.append(f"RUN_NAME={self.run_name!r}: use letters, digits, '.', '_' and '-' only")
         if applies("REWARD_WEIGHTS", "REWARD_FUNCS") and self.reward_weights \

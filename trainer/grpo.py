@@ -7,12 +7,15 @@ reports its peak GPU memory.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from unittest import mock
 
 import torch
 import trl.trainer.grpo_trainer as trl_grpo
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from .adapter_sync import AdapterPublisher
@@ -74,12 +77,53 @@ class MeasuredGRPOTrainer(GRPOTrainer):
         return loss
 
 
+class BatchLookahead:
+    """The trainer's batch iterator, readable ahead: which batch comes a given number of batches after one it
+    handed out. The trainer gets the same batches in the same order; some are only drawn earlier."""
+
+    def __init__(self, source: Iterator):
+        self.source = source
+        self._ahead: deque = deque()
+        self._handed_out = 0
+        self._position_of: OrderedDict[int, int] = OrderedDict()  # id of a batch handed out -> its position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self._ahead.popleft() if self._ahead else next(self.source)
+        self._position_of[id(batch)] = self._handed_out
+        self._position_of.move_to_end(id(batch))
+        while len(self._position_of) > 1024:  # only recent batches are asked about
+            self._position_of.popitem(last=False)
+        self._handed_out += 1
+        return batch
+
+    def after(self, batch, count: int):
+        """The batch `count` positions after `batch`; None if `batch` was not handed out here or the data ends."""
+        position = self._position_of.get(id(batch))
+        if position is None:
+            return None
+        index = position + count - self._handed_out  # into the batches drawn ahead
+        if index < 0:
+            return None
+        while len(self._ahead) <= index:
+            try:
+                self._ahead.append(next(self.source))
+            except StopIteration:
+                return None
+        return self._ahead[index]
+
+
 class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
-    """Samples from the vLLM server over HTTP and syncs weights by registering each step's LoRA adapter."""
+    """Samples from the vLLM server over HTTP and syncs weights by registering each step's LoRA adapter; with
+    `max_off_policy_steps` > 0 the next generation round is sampled while this one trains (rollouts.py)."""
 
     def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
-                 stop_requested: Callable[[], bool], **kwargs):
+                 stop_requested: Callable[[], bool], max_off_policy_steps: int = 0, **kwargs):
         args = kwargs["args"]
+        self._lookahead: BatchLookahead | None = None
+        self._generation_batch = None
 
         ranks = kwargs["ranks"]
 
@@ -90,12 +134,47 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
             return ServerGeneration(
                 client, publisher, lambda: self.state.global_step, ranks,
                 max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-                wait_timeout=wait_timeout, stop_requested=stop_requested, seed=args.seed)
+                wait_timeout=wait_timeout, stop_requested=stop_requested, seed=args.seed,
+                max_off_policy_steps=max_off_policy_steps,
+                steps_per_round=max(args.steps_per_generation // args.gradient_accumulation_steps, 1),
+                last_step=lambda: self.state.max_steps)
 
         # GRPOTrainer.__init__ builds its vLLM backend from this module-level name (and would open an NCCL group
         # to the server); swapping the name for the length of __init__ is the one seam TRL offers.
         with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
             super().__init__(**kwargs)
+        self.vllm_generation.next_round_prompts = self.next_round_prompt_ids
+        self.add_callback(SampleAheadAtStepStart(self.vllm_generation))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The HF Trainer draws each step's batches from one iterator per epoch (a new one after a resume): read it
+        # through a lookahead, so that the next round's prompts are known before the trainer reaches them.
+        if self._lookahead is None or self._lookahead.source is not epoch_iterator:
+            self._lookahead = BatchLookahead(epoch_iterator)
+        return super().get_batch_samples(self._lookahead, num_batches, device)
+
+    def _prepare_inputs(self, generation_batch):
+        if self.model.training:
+            self._generation_batch = generation_batch
+        return super()._prepare_inputs(generation_batch)
+
+    def next_round_prompt_ids(self) -> list[list[int]] | None:
+        """The token IDs of the next generation round's prompts, tokenized as TRL tokenizes them when it gets there
+        (each repeated num_generations times, as TRL passes them); None if they are not known yet."""
+        if self._lookahead is None or self._generation_batch is None:
+            return None
+        # TRL generates every steps_per_generation x num_iterations batches (its _prepare_inputs).
+        rows = self._lookahead.after(self._generation_batch, self.args.steps_per_generation * self.num_iterations)
+        if rows is None:
+            return None
+        prompt_ids, _, _ = self._tokenize_prompts(copy.deepcopy([row["prompt"] for row in rows]))
+        return prompt_ids
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.vllm_generation.stop_sampling_ahead()
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -103,3 +182,15 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
         if self.ranks.is_main:
             mark_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
         self.ranks.barrier()
+
+
+class SampleAheadAtStepStart(TrainerCallback):
+    """When several steps train on one round, the next round starts sampling MAX_OFF_POLICY_STEPS steps before it
+    is due, at a step's start (with one step per round it starts right after the current round is taken)."""
+
+    def __init__(self, generation: ServerGeneration):
+        self.generation = generation
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.generation.prefetch is not None:
+            self.generation.start_next_round_when_due()

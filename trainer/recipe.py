@@ -24,6 +24,7 @@ def grpo_config(s: Settings, use_cpu: bool, processes: int = 1) -> GRPOConfig:
         per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps // processes,
         ddp_timeout=int(collective_timeout(s)), ddp_find_unused_parameters=False,
+        generation_batch_size=s.generation_batch_size or None,  # None: one step's sequences, as TRL defaults
         num_generations=s.num_generations, max_completion_length=s.max_completion_length,
         temperature=s.temperature, top_p=s.top_p, loss_type=s.loss_type, beta=s.beta,
         learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps,

@@ -66,10 +66,12 @@ def render(run_dir: Path, out: Path) -> Path:
     panels = iter(axes.flat)
 
     ax = next(panels)
-    mean = [r["reward"] for r in steps]
-    std = [r.get("reward_std") or 0.0 for r in steps]
-    ax.plot(x, mean, label="train (mean of the step)")
-    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25,
+    sampled = [r for r in steps if r.get("reward") is not None]  # steps sharing a round log its rewards once
+    mean = [r["reward"] for r in sampled]
+    std = [r.get("reward_std") or 0.0 for r in sampled]
+    x_sampled = [r["step"] for r in sampled]
+    ax.plot(x_sampled, mean, label="train (mean of the step)")
+    ax.fill_between(x_sampled, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25,
                     label="± std within the step")
     plot_metric(ax, steps, "eval/reward", "o-", label="held-out evaluation")
     ax.set(title="total reward (weighted sum)", ylabel="reward")

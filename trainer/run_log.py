@@ -17,6 +17,7 @@ from transformers import ProgressCallback, TrainerCallback
 from .memory import MicroStepMemory
 from .metrics import StepMetrics
 from .ranks import Ranks
+from .rollouts import staleness
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class RunLogger(TrainerCallback):
             self.step_started = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:  # the end-of-training summary has no step metrics
+        # The end-of-training summary is no step. A step that trains on a round sampled for an earlier step (several
+        # steps per round) has the trainer's metrics but none of TRL's sampling metrics (rewards, lengths).
+        if not logs or "train_runtime" in logs:
             return
         memory_peaks = {device: gib for peaks in self.ranks.gather(self.memory.take_step_peak())
                         for device, gib in peaks.items()}
@@ -105,10 +108,16 @@ class RunLogger(TrainerCallback):
         self.step_started = None
         timings = self.generation.take_timings()
         eval_seconds = self.metrics.get("eval/seconds", 0.0)
-        train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds - eval_seconds, 1e-9)
+        # Rollouts sampled ahead cost the step only the wait for them; sampled in the step, the wait is the sampling.
+        train_seconds = max(step_seconds - timings.rollout_wait_seconds - timings.sync_seconds - eval_seconds, 1e-9)
         record = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs,
                   "adapter": timings.adapter,
+                  # the step numbered k trains the policy of version k - 1 (the steps taken before it)
+                  "rollouts/adapter_version": timings.adapter_version,
+                  "rollouts/staleness": staleness(state.global_step - 1, timings.adapter_version),
+                  "rollouts/sampled_ahead": int(timings.overlapped),
                   "time/step_s": step_seconds, "time/generation_s": timings.generation_seconds,
+                  "time/rollout_wait_s": timings.rollout_wait_seconds,
                   "time/sync_s": timings.sync_seconds, "time/train_s": train_seconds, "time/eval_s": eval_seconds,
                   "tokens/generated": timings.completion_tokens,
                   "tokens/generation_per_s": timings.completion_tokens / max(timings.generation_seconds, 1e-9),
@@ -138,14 +147,16 @@ class RunLogger(TrainerCallback):
         eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
         memory = "/".join(f"{v:.1f}" for k, v in r.items() if k.startswith("memory/peak_gib/"))
         return (f"step {r['step']}/{r['max_steps']} | eta {_fmt_seconds(eta) if math.isfinite(eta) else '?'} | "
-                f"reward {format_reward(r['reward'])} ± {format_reward(r.get('reward_std', float('nan')))} | "
+                f"reward {format_reward(r.get('reward', float('nan')))} ± {format_reward(r.get('reward_std', float('nan')))} | "
                 f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
-                f"gen {r['time/generation_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
+                f"gen {r['time/generation_s']:.1f}s{' ahead' if r['rollouts/sampled_ahead'] else ''} "
+                f"wait {r['time/rollout_wait_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
                 f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "
                 f"logp gap {r.get('sampling/sampling_logp_difference/mean', float('nan')):.1e}, "
                 f"IS weight {r.get('sampling/importance_sampling_ratio/mean', float('nan')):.2f} | "
-                f"peak {memory} GiB | {r['adapter']}")
+                f"peak {memory} GiB | rollouts of {r['adapter']}, "
+                f"{r['rollouts/staleness']} step{'' if r['rollouts/staleness'] == 1 else 's'} behind")
 
 
 def format_reward(value: float) -> str:

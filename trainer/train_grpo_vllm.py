@@ -82,8 +82,11 @@ def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
     client = VLLMServerClient(s.server_url, s.vllm_api_key, s.vllm_request_timeout, s.vllm_max_retries,
                               s.vllm_retry_max_wait)
     log.info("Generation config: use_vllm=True, vllm_mode=server, server=%s, weight_sync=lora_adapter, "
-             "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s",
-             s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p)
+             "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s, "
+             "sequences_per_round=%d (%d step(s) each), max_off_policy_steps=%d (%s)",
+             s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p,
+             s.sequences_per_round, s.steps_per_round, s.max_off_policy_steps,
+             "the next round is sampled while a step trains" if s.max_off_policy_steps else "synchronous")
     tokenizer = load_tokenizer(s.model_name)
     dataset = training_prompts(s, tokenizer)  # prompts too long for MAX_PROMPT_LENGTH are found before the wait
     ranks.on_main(lambda: check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested)))
@@ -92,7 +95,7 @@ def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
                        s.gradient_checkpointing, device=ranks.device() if ranks.distributed else None)
     trainer = AdapterSyncGRPOTrainer(ranks=ranks,
         client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
-        stop_requested=lambda: stop.requested,
+        stop_requested=lambda: stop.requested, max_off_policy_steps=s.max_off_policy_steps,
         model=model, processing_class=tokenizer, reward_funcs=reward_funcs, train_dataset=dataset,
         args=grpo_config(s, use_cpu=not torch.cuda.is_available(), processes=ranks.world_size),
         peft_config=lora_config(s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules))
@@ -132,6 +135,13 @@ def check_server(s: Settings, recovery: ServerRecovery) -> None:
     if max_model_len and s.max_prompt_length + s.max_completion_length > max_model_len:
         raise SettingsError(f"MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH = {s.max_prompt_length + s.max_completion_length} "
                             f"exceeds the server's --max-model-len {max_model_len}: lower them or raise VLLM_MAX_MODEL_LEN")
+    kv_tokens = recovery.client.kv_cache_tokens()
+    round_tokens = s.sequences_per_round * (s.max_prompt_length + s.max_completion_length)
+    if kv_tokens and round_tokens > kv_tokens:
+        log.warning("one generation round may need KV cache for %d tokens (%d sequences x MAX_PROMPT_LENGTH + "
+                    "MAX_COMPLETION_LENGTH) but the server holds %d: long rounds will be preempted and recomputed. "
+                    "Raise VLLM_GPU_MEMORY_UTILIZATION or lower GENERATION_BATCH_SIZE", round_tokens,
+                    s.sequences_per_round, kv_tokens)
     if served["id"] != s.model_name:
         log.warning("the server serves %r but MODEL_NAME is %r: adapters are trained on MODEL_NAME", served["id"], s.model_name)
 

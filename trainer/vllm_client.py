@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -59,12 +60,19 @@ class VLLMServerClient:
     def __init__(self, base_url: str, api_key: str = "", request_timeout: float = 900.0,
                  max_retries: int = 6, retry_max_wait: float = 30.0):
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.retry_max_wait = retry_max_wait
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    def copy(self) -> "VLLMServerClient":
+        """A client of the same server with its own `requests.Session`, for another thread: a session's connection
+        pool and state are not meant to be shared across threads."""
+        return VLLMServerClient(self.base_url, self.api_key, self.request_timeout, self.max_retries,
+                                self.retry_max_wait)
 
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, retry_status: tuple[int, ...] = RETRYABLE_STATUS,
@@ -149,6 +157,20 @@ class VLLMServerClient:
         if not entries:
             raise ServerError(f"vLLM server at {self.base_url} lists no base model")
         return entries[0]
+
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens of KV cache the server allocated (its Prometheus `vllm:cache_config_info`: blocks x block size);
+        None if it does not say."""
+        try:
+            text = self._request("GET", "/metrics").text
+        except ServerError:
+            return None
+        line = next((l for l in text.splitlines() if l.startswith("vllm:cache_config_info{")), "")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        try:
+            return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+        except (KeyError, ValueError):
+            return None
 
     # ------------------------------------------------------------------ LoRA adapters
     def load_lora_adapter(self, name: str, path: str) -> None:

@@ -99,7 +99,7 @@ class ServerSettings:
     vllm_tensor_parallel_size: int = setting("VLLM_TENSOR_PARALLEL_SIZE", 2, "--tensor-parallel-size: GPUs the model is split over; at most the GPUs the container sees.", at_least(1))
     vllm_dtype: str = setting("VLLM_DTYPE", "auto", "--dtype: auto keeps the checkpoint's dtype (bf16 for gpt-oss, with MXFP4 experts).", Choice(DTYPES))
     vllm_max_model_len: int = setting("VLLM_MAX_MODEL_LEN", 4096, "--max-model-len: must cover MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH (the trainer checks at start).", at_least(16))
-    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 16, "--max-num-seqs: most sequences sampled at once.", at_least(1))
+    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 64, "--max-num-seqs: most sequences sampled at once; the trainer checks at start that one generation round (GENERATION_BATCH_SIZE) fits.", at_least(1))
     vllm_gpu_memory_utilization: float = setting("VLLM_GPU_MEMORY_UTILIZATION", 0.35, "--gpu-memory-utilization: fraction of each whole GPU vLLM takes (weights + KV cache); the trainer lives in the rest.", fraction)
     vllm_kv_cache_dtype: str = setting("VLLM_KV_CACHE_DTYPE", "auto", "--kv-cache-dtype: auto (the model's dtype) or an fp8 format; 'bf16' is not a vLLM value.", Choice(KV_CACHE_DTYPES, note=" ('bf16' is not a vLLM value: 'auto' keeps the model's dtype)"))
     # --- kernels ---
@@ -107,7 +107,8 @@ class ServerSettings:
     vllm_attention_backend: str = setting("VLLM_ATTENTION_BACKEND", "", "--attention-backend when set, e.g. FLASH_ATTN or TRITON_ATTN; empty lets vLLM choose.")
     # --- LoRA ---
     vllm_max_lora_rank: int = setting("VLLM_MAX_LORA_RANK", 8, "--max-lora-rank: must be >= LORA_RANK (the trainer checks at start).", Choice(LORA_RANKS))
-    vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "--max-loras: adapters per batch.", at_least(1))
+    vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "--max-loras: adapters per batch; the trainer checks at start that it covers the MAX_OFF_POLICY_STEPS + 1 adapter versions overlapped sampling keeps in flight.", at_least(1))
+    lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "--lora-target-modules: comma-separated modules the trainer's adapter wraps, read by both services. The server adds LoRA kernels to these layers only; without the list vLLM wraps every linear layer, gpt-oss's router and experts included, and decodes through LoRA kernels that only ever add zeros.", lambda v: None if v else "is empty: name at least one module")
     # --- any other vLLM flag ---
     vllm_extra_args: str = setting("VLLM_EXTRA_ARGS", "", "More vLLM flags, split like a shell command line; JSON values in single quotes, e.g. -cc '{\"cudagraph_mode\":\"FULL\"}' (your own -cc/--compilation-config replaces the stack's).", extra_args_problem)
 
@@ -163,6 +164,8 @@ def _parse(raw: str, annotation: Any) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(raw)
+    if typing.get_origin(annotation) is tuple:
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
     value = annotation(raw)
     if annotation is float and not math.isfinite(value):  # "nan" and "inf" parse as floats
         raise ValueError(raw)
@@ -170,6 +173,8 @@ def _parse(raw: str, annotation: Any) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is tuple:
+        return "a comma-separated list"
     return {bool: "true or false", int: "an integer", float: "a finite number"}.get(annotation, "text")
 
 
@@ -199,6 +204,7 @@ def build_command(env: Mapping[str, str], gpus: int | None) -> list[str]:
         "--kv-cache-dtype", s.vllm_kv_cache_dtype,
         "--enable-lora", "--max-lora-rank", str(s.vllm_max_lora_rank),
         "--max-loras", str(s.vllm_max_loras),
+        "--lora-target-modules", *s.lora_target_modules,
         "--logprobs-mode", "processed_logprobs",
     ]
     extra = shlex.split(s.vllm_extra_args)
@@ -221,7 +227,9 @@ def server_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def env_value(value: Any) -> str:
-    """A value as it is written in .env."""
+    """A value as it is written in .env (lists comma-separated)."""
+    if isinstance(value, tuple):
+        return ",".join(value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
