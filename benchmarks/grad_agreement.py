@@ -42,6 +42,7 @@ def gradients(args):
                        gradient_checkpointing=True, device=ranks.device() if ranks.distributed else None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    torch.manual_seed(0)  # lora_A's initialisation: the same in both layouts
     model = get_peft_model(model, lora_config(args.lora_rank, 2 * args.lora_rank, 0.0,
                                               ("q_proj", "k_proj", "v_proj", "o_proj")))
     generator = torch.Generator().manual_seed(1)
