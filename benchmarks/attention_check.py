@@ -43,6 +43,7 @@ REFERENCE = "float64_reference"
 IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", FA4, "flash_attention_4", "kernels-community/vllm-flash-attn3")
 CORRECT_VS_EAGER = 2.0  # an implementation may be at most this many times eager bfloat16's error
 CORRECT_CAP = 0.05
+ATTENTION_PARTS = ("attention_sliding", "attention_full")
 QUERY_CHUNK = 1024
 
 
@@ -89,12 +90,21 @@ def build(shape: dict, implementation: str, dtype: torch.dtype, state: dict | No
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
+    # small weights keep the layers' updates small next to the residual stream (build_gpt_oss_checkpoint.py)
+    shape = {**shape, "initializer_range": 0.004}
     config = GptOssConfig(**{**shape, "experts_implementation": "eager"} if dtype == torch.float64 else shape)
     model = GptOssForCausalLM(config)
     if state is None:
         with torch.no_grad():
             for layer in model.model.layers:
-                layer.self_attn.sinks.normal_(0.0, 1.0)  # spread as a trained model's, not the init's zeros
+                attention = layer.self_attn
+                attention.sinks.normal_(0.0, 1.0)  # spread as a trained model's, not the init's zeros
+                for projection in (attention.q_proj, attention.k_proj):  # attention as peaked as a trained one's
+                    projection.weight.normal_(0.0, 0.02)
+                # experts chosen by clear margins: bf16 rounding then never flips a token's top-k
+                layer.mlp.router.weight.normal_(0.0, 0.1)
+            model.model.embed_tokens.weight.normal_(0.0, 1.0)
+            model.lm_head.weight.normal_(0.0, 0.1)
     model = model.to(DEVICE, dtype)
     model.set_attn_implementation(implementation)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -162,34 +172,58 @@ def milliseconds(fn, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
-def attention_alone_ms(model, implementation: str, layer: int, length: int, keep) -> float:
-    """forward + backward of one layer's attention function on random q, k, v, with the model's mask."""
+def attention_alone(model, implementation: str, layer: int, length: int, keep) -> dict:
+    """One layer's attention function on random q, k, v with the model's mask, the layer's sinks and window:
+    relative errors of the output (real tokens) and of the gradients of q, k, v and the sinks against the float64
+    reference on the same bf16 inputs, and the milliseconds of forward + backward."""
     from transformers import AttentionInterface
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
     base = model.base_model.model
     module = base.model.layers[layer].self_attn
-    attend = AttentionInterface().get_interface(implementation, eager_attention_forward)
     make_mask = create_sliding_window_causal_mask if module.sliding_window else create_causal_mask
-    mask = make_mask(config=base.config, inputs_embeds=torch.zeros(1, length, 1, dtype=torch.bfloat16, device=DEVICE),
-                     attention_mask=keep, past_key_values=None)
-    heads, kv_heads, dim = base.config.num_attention_heads, base.config.num_key_value_heads, base.config.head_dim
-    q = torch.randn(1, heads, length, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(1, kv_heads, length, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
-    upstream = torch.randn(1, length, heads, dim, device=DEVICE, dtype=torch.bfloat16)
 
-    def step():
+    def mask_for(name):
+        config = base.config
+        saved, config._attn_implementation = config._attn_implementation, name
+        try:
+            return make_mask(config=config, attention_mask=keep, past_key_values=None,
+                             inputs_embeds=torch.zeros(1, length, 1, dtype=torch.bfloat16, device=DEVICE))
+        finally:
+            config._attn_implementation = saved
+    heads, kv_heads, dim = base.config.num_attention_heads, base.config.num_key_value_heads, base.config.head_dim
+    torch.manual_seed(layer)
+    inputs = [torch.randn(1, h, length, dim, device=DEVICE, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads)]
+    upstream = torch.randn(1, length, heads, dim, device=DEVICE, dtype=torch.bfloat16) * keep[0, :, None, None]
+    real = keep[0].bool()
+    module.sinks.requires_grad_(True)  # frozen under LoRA; eager reads the module's own, the others `s_aux`
+
+    def run(attend, mask, dtype):
+        q, k, v = (t.to(dtype).requires_grad_(True) for t in inputs)
+        module.sinks.grad = None
+        s = module.sinks if dtype == module.sinks.dtype else module.sinks.detach().to(dtype).requires_grad_(True)
         out = attend(module, q, k, v, mask, scaling=module.scaling, dropout=0.0,
-                     sliding_window=module.sliding_window, s_aux=module.sinks)[0]
-        out.backward(upstream)
-    return milliseconds(step)
+                     sliding_window=module.sliding_window, s_aux=s)[0]
+        out.backward(upstream.to(out.dtype))
+        return [out[0, real].detach()] + [t.grad for t in (q, k, v, s)]
+
+    attend = AttentionInterface().get_interface(implementation, eager_attention_forward)
+    mask = mask_for(implementation)
+    got = run(attend, mask, torch.bfloat16)
+    want = run(reference_attention_forward, mask_for(REFERENCE), torch.float64)
+    errors = {name: relative_error(g, w) for name, g, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want)}
+    milliseconds_ = round(milliseconds(lambda: run(attend, mask, torch.bfloat16)), 3)
+    module.sinks.requires_grad_(False)
+    return {"errors": errors, "fwd_bwd_ms": milliseconds_}
 
 
 # ------------------------------------------------------------------ the check
 def check_length(shape: dict, length: int, implementations: tuple[str, ...]) -> dict:
     reference_model = build(shape, REFERENCE, torch.float64)
+    with torch.no_grad():  # every model then holds the same weights: only the computation differs
+        for parameter in reference_model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16))
     state = {name: tensor.detach().clone() for name, tensor in reference_model.state_dict().items()}
     ids, keep = padded_sequence(length, shape["vocab_size"])
     reference = forward_backward(reference_model, ids, keep)
@@ -217,8 +251,7 @@ def check_length(shape: dict, length: int, implementations: tuple[str, ...]) -> 
             row["model_fwd_bwd_ms"] = round(milliseconds(lambda: forward_backward(model, ids, keep)), 2)
             for layer in range(layers):
                 kind = "sliding" if model.base_model.model.model.layers[layer].self_attn.sliding_window else "full"
-                row[f"attention_{kind}_fwd_bwd_ms"] = round(
-                    attention_alone_ms(model, implementation, layer, length, keep), 3)
+                row[f"attention_{kind}"] = attention_alone(model, implementation, layer, length, keep)
             if torch.cuda.is_available():
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             del model, result
@@ -227,11 +260,14 @@ def check_length(shape: dict, length: int, implementations: tuple[str, ...]) -> 
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
         empty_cache()
         print(f"{length} {implementation}: {json.dumps(row)}", flush=True)
-    floor = rows.get("eager", {}).get("errors")  # None where eager could not run: the cap alone then
+    eager = rows.get("eager", {})  # absent where eager could not run: the cap alone then
     for implementation, row in rows.items():
-        if "errors" in row and implementation != "eager_float64":
-            row["correct"] = all(error < CORRECT_CAP and (floor is None or error <= CORRECT_VS_EAGER * floor[name])
-                                 for name, error in row["errors"].items())
+        if "errors" not in row or implementation == "eager_float64":
+            continue
+        pairs = [(row[part]["errors"], eager.get(part, {}).get("errors")) for part in ATTENTION_PARTS]
+        pairs.append((row["errors"], eager.get("errors")))
+        row["correct"] = all(error < CORRECT_CAP and (floor is None or error <= CORRECT_VS_EAGER * floor[name])
+                             for errors, floor in pairs for name, error in errors.items())
     return rows
 
 
@@ -244,18 +280,21 @@ def table(report: dict) -> str:
     lines = []
     for length, rows in report["lengths"].items():
         names = next((list(r["errors"]) for r in rows.values() if "errors" in r), [])
-        lines.append(f"\n{length} tokens: relative error vs float64 ({', '.join(names)}); ms fwd+bwd")
+        lines.append(f"\n{length} tokens. Relative error vs float64 of the model ({', '.join(names)}) and of each "
+                     "layer's attention alone (out, dq, dk, dv, dsinks); ms of forward + backward")
         for implementation, row in rows.items():
             if "error" in row:
                 lines.append(f"  {implementation:<36} cannot run: {row['error'][:150]}")
                 continue
-            errors = " ".join(f"{e:.1e}" for e in row["errors"].values())
-            speed = "" if "model_fwd_bwd_ms" not in row else (
-                f"| model {row['model_fwd_bwd_ms']} ms, attention sliding {row['attention_sliding_fwd_bwd_ms']} / "
-                f"full {row['attention_full_fwd_bwd_ms']} ms, first call {row['first_call_s']} s"
-                + (f", peak {row['peak_gib']} GiB" if "peak_gib" in row else ""))
             verdict = {True: "correct", False: "WRONG", None: ""}[row.get("correct")]
-            lines.append(f"  {implementation:<36} {verdict:<8} {errors} {speed}")
+            lines.append(f"  {implementation:<36} {verdict:<8} model " + " ".join(f"{e:.1e}" for e in row["errors"].values()))
+            for part in ATTENTION_PARTS:
+                if part in row:
+                    errors = " ".join(f"{e:.1e}" for e in row[part]["errors"].values())
+                    lines.append(f"  {'':<36} {'':<8} {part.split('_')[1]:<7} {errors} | {row[part]['fwd_bwd_ms']} ms")
+            if "model_fwd_bwd_ms" in row:
+                lines.append(f"  {'':<36} {'':<8} model {row['model_fwd_bwd_ms']} ms, first call {row['first_call_s']} s"
+                             + (f", peak {row['peak_gib']} GiB" if "peak_gib" in row else ""))
     return "\n".join(lines)
 
 
