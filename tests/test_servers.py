@@ -1,0 +1,149 @@
+"""The trainer against two real vLLM servers (CPU build) at once (VLLM_SERVER_URLS): every adapter version on both,
+the work spread over both, one server killed and restarted mid-run with nothing lost, the same result as one server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import API_KEY, run_trainer, start_server, start_trainer, trainer_env, wait_for, wait_healthy
+from trainer.server_pool import ServerPool
+from trainer.vllm_client import AdapterUnreadable, VLLMServerClient
+
+pytestmark = pytest.mark.server
+
+STEPS = 3
+SEQUENCES_PER_STEP = 8  # trainer_env: MICRO_BATCH_SIZE 1 x GRADIENT_ACCUMULATION_STEPS 8
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, tmp_path_factory) -> list:
+    """Two servers of the tiny model on two ports; a test that restarts one puts the new one in its place."""
+    logs = tmp_path_factory.mktemp("vllm-pair")
+    pair = [start_server(tiny_model, logs / f"vllm-{i}.log", wait=False) for i in range(2)]
+    for server in pair:
+        wait_healthy(server)
+    yield pair
+    for server in pair:
+        server.stop()
+
+
+def pool_env(model: Path, runs: Path, servers: list, **overrides) -> dict:
+    urls = ",".join(server.url for server in servers)
+    # VLLM_SERVER_PORT points at no server: only VLLM_SERVER_URLS may be used
+    return trainer_env(model, runs, 9, VLLM_SERVER_URLS=urls, **overrides)
+
+
+def completions_served(server) -> float:
+    """The server's own count of finished requests (vLLM's Prometheus counter, all finish reasons)."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total{"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class AdapterWatch:
+    """Polls each server's /v1/models while a run goes on and keeps every adapter name each one listed."""
+
+    def __init__(self, servers: list):
+        self.servers = servers
+        self.seen = [set() for _ in servers]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            for seen, server in zip(self.seen, self.servers):
+                try:
+                    seen.update(server.models())
+                except (requests.RequestException, ValueError, KeyError):
+                    pass  # a server being restarted
+            time.sleep(0.1)
+
+    def stop(self) -> list[set]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def steps_complete(run_dir: Path) -> list[int]:
+    """The steps of metrics.jsonl, each checked to have trained on all its rollouts."""
+    rows = metrics(run_dir)
+    micro_steps: dict[int, int] = {}
+    for line in (run_dir / "memory.jsonl").read_text().splitlines():
+        step = json.loads(line)["step"]
+        micro_steps[step] = micro_steps.get(step, 0) + 1
+    for row in rows:
+        assert micro_steps.get(row["step"]) == SEQUENCES_PER_STEP, (row["step"], micro_steps)
+        assert row["tokens/generated"] == round(SEQUENCES_PER_STEP * row["completions/mean_length"]), row
+    return [row["step"] for row in rows]
+
+
+def test_every_version_on_both_servers_and_the_work_spread_over_both(servers, tiny_model, tmp_path):
+    before = [completions_served(s) for s in servers]
+    watch = AdapterWatch(servers)
+    result = run_trainer(pool_env(tiny_model, tmp_path, servers, MAX_STEPS=STEPS), tmp_path / "trainer.log")
+    seen = watch.stop()
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert steps_complete(tmp_path / "test-run") == list(range(1, STEPS + 1))
+    versions = {f"policy-v{step}" for step in range(STEPS)}  # step k samples from the adapter after k-1 updates
+    for server, names in zip(servers, seen):
+        assert versions <= names, f"{server.url} never listed {sorted(versions - names)}"
+        assert "test-run" in server.models(), f"{server.url} does not serve the final adapter"
+    served = [completions_served(s) - b for s, b in zip(servers, before)]
+    assert min(served) >= 0.4 * sum(served), f"completions per server: {served}"
+    assert "left the pool" not in result.stdout
+
+
+def test_an_unreadable_adapter_path_names_the_shared_storage_fix(servers, tmp_path):
+    pool = ServerPool([VLLMServerClient(s.url, API_KEY) for s in servers])
+    with pytest.raises(AdapterUnreadable) as err:  # a path that exists for the trainer, not for the server
+        pool.load_lora_adapter("policy-v7", "/mnt/elsewhere/runs/test-run/adapters/policy-v7")
+    assert "RUNS_DIR" in str(err.value) and "network filesystem" in str(err.value)
+
+
+def test_a_server_killed_and_restarted_mid_run_loses_nothing(servers, tiny_model, tmp_path):
+    log_path = tmp_path / "trainer.log"
+    trainer = start_trainer(pool_env(tiny_model, tmp_path, servers, MAX_STEPS=200, SAVE_STEPS=200), log_path)
+    try:
+        victim = servers[1]
+        wait_for(lambda: "policy-v2" in victim.models(), 300, "step 2's adapter on the second server")
+        victim.stop(signal.SIGKILL)  # a crash: no graceful shutdown, in the middle of sampling
+        wait_for(lambda: "left the pool" in log_path.read_text(), 120, "the trainer to notice")
+        servers[1] = start_server(victim.model, victim.log_path, port=victim.port)
+        wait_for(lambda: "rejoined the pool" in log_path.read_text(), 120, "the restarted server to rejoin")
+        wait_for(lambda: completions_served(servers[1]) > 0, 120, "requests to the restarted server")
+    finally:
+        trainer.send_signal(signal.SIGTERM)  # checkpoint and stop after the step in flight
+        returncode = trainer.wait(300)
+    log = log_path.read_text()
+    assert returncode == 0, log[-4000:]
+    steps = steps_complete(tmp_path / "test-run")
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4, steps
+    assert (tmp_path / "test-run" / f"checkpoint-{steps[-1]}").is_dir()
+    assert "prompts go to the other vLLM servers" in log
+    current = {name for name in servers[0].models() if name.startswith("policy-v")}
+    assert current and current <= set(servers[1].models()), "the restarted server lacks the current adapter"
+
+
+def test_two_servers_train_as_one_does(servers, tiny_model, tmp_path):
+    """Same seed, near-greedy sampling (TEMPERATURE at its floor): one server and two give the same completions,
+    so the same rewards and losses, up to float sums in a different batch order."""
+    common = {"MAX_STEPS": STEPS, "TEMPERATURE": "0.01"}
+    one = run_trainer(trainer_env(tiny_model, tmp_path / "one", servers[0].port, **common), tmp_path / "one.log")
+    two = run_trainer(pool_env(tiny_model, tmp_path / "two", servers, **common), tmp_path / "two.log")
+    assert one.returncode == 0 and two.returncode == 0, (one.stdout[-2000:], two.stdout[-2000:])
+    for a, b in zip(metrics(tmp_path / "one/test-run"), metrics(tmp_path / "two/test-run"), strict=True):
+        assert a["tokens/generated"] == b["tokens/generated"], (a["step"], a["tokens/generated"], b["tokens/generated"])
+        for key in ("reward", "loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key, a[key], b[key])
