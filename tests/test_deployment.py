@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,16 @@ def test_slurm_script_starts_every_server_and_the_trainer_ranks_per_node(tmp_pat
         assert trainer["VLLM_SERVER_URLS"] == urls and trainer["RUNS_DIR"] == "/workspace/runs"
         assert trainer["SYSTEM_PROMPT"] == "Put it in \\boxed{} now"  # verbatim, as compose passes it
         assert Settings.from_env(trainer).server_urls == tuple(urls.split(","))
+
+
+def test_slurm_script_passes_the_server_what_compose_passes_it(tmp_path):
+    script = (REPO / "scripts/slurm/grpo.sbatch").read_text()
+    pattern = re.compile(re.search(r"^SERVER_SETTINGS='(.+)'$", script, re.M).group(1))
+    config = compose_config(tmp_path, (REPO / ".env.example").read_text())
+    set_by_the_script = {"VLLM_SERVER_PORT", "VLLM_HOST", "HF_HOME", "VLLM_CACHE_ROOT"}
+    names = set(config["services"]["vllm"]["environment"]) - set_by_the_script
+    assert {name for name in names if not pattern.match(name)} == set()
+    assert not pattern.match("VLLM_SERVER_URLS") and not pattern.match("LORA_RANK")
 
 
 def test_env_example_names_every_setting():
