@@ -13,8 +13,9 @@ comparison.
 Random weights need care to be well conditioned. `--head-std` and `--router-std` spread the logits and the router's
 expert scores so sampling and expert choice are not near-uniform; `--init-std` and `--expert-scale-exp` keep each
 layer's update small next to the residual stream. With larger layers (init 0.02, experts 2^-7) the 24-layer model is
-chaotic: on 2 x H100 bf16 alone moved its logprobs 5.4 nats from float32, so no bf16 comparison meant anything;
-with the defaults (0.004, 2^-9) bf16 moves them 0.05 (BENCHMARKS.md).
+chaotic: bf16 alone moved its logprobs by whole nats from float32, so no bf16 comparison meant anything; with the
+defaults (0.004, 2^-9) bf16 moves them as little as on a real model (figures: BENCHMARKS.md, "Do vLLM and the
+trainer compute the same policy?", and run 3's notes).
 """
 
 from __future__ import annotations

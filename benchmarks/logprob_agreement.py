@@ -32,12 +32,12 @@ from trl.trainer.utils import add_fused_lm_head
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.build_gpt_oss_checkpoint import two_layer_shape  # noqa: E402
-from trainer.model import load_model, on_output_head_device  # noqa: E402
+from trainer.model import load_model, output_head_device_guard  # noqa: E402
 from trainer.vllm_client import VLLMServerClient  # noqa: E402
 
 # TRL's fused LM head as TRL 1.16 calls it, and as the trainer calls it (from the head's GPU)
 FUSED_HEAD = ("grouped_mm+trl_fused_head", "grouped_mm+trl_fused_head+head_device_guard")
-EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert weights: 253 GiB at this size
+EXPERTS = ("grouped_mm", "eager")  # batched_mm gathers every token's expert weights: more than a GPU holds at this size
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check this script end to end
 
 
@@ -125,7 +125,7 @@ def stack(checkpoint: Path, urls: dict[str, str], prompts: int, tokens: int, dty
             if variant == FUSED_HEAD[0]:
                 add_fused_lm_head(model, outputs=("log_probs", "entropy"))
             for label, sequences in sampled.items():
-                with on_output_head_device(model) if variant == FUSED_HEAD[1] else nullcontext():
+                with output_head_device_guard(model) if variant == FUSED_HEAD[1] else nullcontext():
                     logps = [completion_logprobs(model, p, c, fused_head=variant in FUSED_HEAD) for p, c, _ in sequences]
                 if variant == "eager":
                     eager_logps[dtype, label] = logps

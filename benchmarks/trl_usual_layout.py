@@ -26,7 +26,8 @@ from trainer.grpo import MeasuredGRPOTrainer  # noqa: E402
 from trainer.model import load_model, load_tokenizer, lora_config  # noqa: E402
 from trainer.rewards import load_rewards  # noqa: E402
 from trainer.run_log import RunLogger, setup_logging  # noqa: E402
-from trainer.train_grpo_vllm import QuietProgress, grpo_config, training_prompts  # noqa: E402
+from trainer.recipe import grpo_config, training_prompts  # noqa: E402
+from trainer.run_log import QuietProgress  # noqa: E402
 from transformers import ProgressCallback  # noqa: E402
 
 log = logging.getLogger("trainer")

@@ -106,7 +106,7 @@ def test_bad_env_stops_the_entry_script_with_exit_2(tmp_path):
 @pytest.mark.parametrize("value, correction, mode", [
     ("token_truncate", True, "token_truncate"), ("sequence_mask", True, "sequence_mask"), ("off", False, None)])
 def test_importance_sampling_reaches_trl(value, correction, mode):
-    from trainer.train_grpo_vllm import grpo_config
+    from trainer.recipe import grpo_config
 
     args = grpo_config(Settings.from_env({"IMPORTANCE_SAMPLING": value}), use_cpu=True)
     assert args.vllm_importance_sampling_correction is correction

@@ -304,7 +304,7 @@ def test_compilation_config_of_the_user_replaces_the_stacks(tmp_path):
 @pytest.mark.parametrize("env, gpus, fragment", [
     ({"VLLM_KV_CACHE_DTYPE": "bf16"}, 2, "'bf16' is not a vLLM value"),
     ({"VLLM_TENSOR_PARALLEL_SIZE": "2"}, 1, "VLLM_TENSOR_PARALLEL_SIZE=2 but this container sees 1 GPU"),
-    ({"VLLM_MAX_LORA_RANK": "4"}, 2, "VLLM_MAX_LORA_RANK=4: vLLM accepts 1, 8, 16"),
+    ({"VLLM_MAX_LORA_RANK": "4"}, 2, "VLLM_MAX_LORA_RANK=4: must be one of 1, 8, 16"),
     ({"VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, 2, "VLLM_GPU_MEMORY_UTILIZATION=1.5"),
     ({"VLLM_SERVER_PORT": "eighty"}, 2, "VLLM_SERVER_PORT='eighty': expected an integer"),
     ({"VLLM_ENFORCE_EAGER": "sometimes"}, 2, "VLLM_ENFORCE_EAGER='sometimes'"),

@@ -25,7 +25,7 @@ from trainer.config import Settings
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
-from trainer.train_grpo_vllm import grpo_config
+from trainer.recipe import grpo_config
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_training_log_shows_generation_config_and_metrics(finished_run):
             assert key in r, key
     assert any(r["reward_std"] > 0 for r in rows), "rewards have no spread: GRPO would learn nothing"
     # the same lines reach `docker compose logs trainer`, each on a line of its own beside the progress bar
-    assert any(line.startswith("20") and "INFO trainer: step 3/3 |" in line for line in stdout.splitlines())
+    assert any(line.startswith("20") and "INFO trainer.run_log: step 3/3 |" in line for line in stdout.splitlines())
 
 
 def test_each_micro_step_reports_peak_memory(finished_run):

@@ -138,10 +138,12 @@ def log_one_step(run_dir, logs: dict) -> None:
     from types import SimpleNamespace
 
     from trainer.generation import StepTimings
-    from trainer.run_log import MicroStepMemory, RunLogger
+    from trainer.memory import MicroStepMemory
+    from trainer.metrics import StepMetrics
+    from trainer.run_log import RunLogger
 
     logger = RunLogger(run_dir, SimpleNamespace(take_timings=StepTimings), MicroStepMemory(1, run_dir),
-                       extra_counters=dict, pending={})
+                       extra_counters=dict, metrics=StepMetrics())
     state = SimpleNamespace(global_step=1, max_steps=2)
     logger.on_train_begin(None, SimpleNamespace(global_step=0), None)
     logger.on_step_begin(None, state, None)

@@ -12,28 +12,15 @@ and NCCL cannot put two ranks on one GPU.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
+from .files import fsync_tree, write_directory_atomically
 from .vllm_client import ServerError, VLLMServerClient
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "policy-v"
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under `path` and the directories themselves, so another container reads complete files."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class AdapterPublisher:
@@ -56,16 +43,7 @@ class AdapterPublisher:
         """Save the adapter as version `step`, register it, retire the older versions; return its name."""
         name = f"{ADAPTER_PREFIX}{step}"
         path = self.path_of(name)
-        if path.exists():  # a leftover of a run killed mid-publish: rewrite it whole
-            shutil.rmtree(path)
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            self.model.save_pretrained(partial)
-            fsync_tree(partial)
-            os.replace(partial, path)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)  # a failed save leaves no half-written version
+        write_directory_atomically(path, self.model.save_pretrained)  # a leftover of a killed run is rewritten whole
         self.client.load_lora_adapter(name, str(path))
         if name == self.current:  # the same version written again: nothing older to retire
             return name

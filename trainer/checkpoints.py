@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .adapter_sync import fsync_tree
+from .files import fsync_tree, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,7 @@ def mark_complete(checkpoint: Path) -> None:
     fsync_tree(checkpoint)
     manifest = {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                 for p in _files(checkpoint)}
-    partial = checkpoint / (MANIFEST + ".partial")
-    with open(partial, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, checkpoint / MANIFEST)
+    write_text_atomically(checkpoint / MANIFEST, json.dumps(manifest, indent=1))
     fsync_tree(checkpoint)
 
 

@@ -141,7 +141,7 @@ class Settings:
     top_p: float = setting("TOP_P", 1.0, "Nucleus sampling threshold.", between(0.01, 1.0))
     loss_type: str = setting("LOSS_TYPE", "dapo", "TRL loss aggregation.", one_of(*LOSS_TYPES))
     beta: float = setting("BETA", 0.0, "KL coefficient (0 keeps no reference model in memory).", at_least(0.0))
-    importance_sampling: str = setting("IMPORTANCE_SAMPLING", "token_truncate", "Correction for vLLM's and the trainer's logprobs differing (TRL's vllm_importance_sampling_mode, ratios capped at 3): token_* weigh each token by its own ratio; sequence_* by the product over the completion, which bf16's small per-token gaps drive toward 0 on long completions (0.002 at 3.6k tokens on H100, BENCHMARKS.md); off applies none.", one_of(*IMPORTANCE_SAMPLING_MODES))
+    importance_sampling: str = setting("IMPORTANCE_SAMPLING", "token_truncate", "Correction for vLLM's and the trainer's logprobs differing (TRL's vllm_importance_sampling_mode, ratios capped at 3): token_* weigh each token by its own ratio; sequence_* (TRL's default: sequence_mask) by the product over the completion, which bf16's small per-token gaps drive toward 0 on long completions (BENCHMARKS.md, \"Do vLLM and the trainer compute the same policy?\"); off applies none.", one_of(*IMPORTANCE_SAMPLING_MODES))
     learning_rate: float = setting("LEARNING_RATE", 1e-5, "Peak learning rate.", between(0.0, 1.0))
     lr_scheduler: str = setting("LR_SCHEDULER", "constant_with_warmup", "Learning-rate schedule.", one_of(*LR_SCHEDULERS))
     warmup_steps: int = setting("WARMUP_STEPS", 5, "Optimizer steps of linear warmup.", at_least(0))

@@ -15,22 +15,23 @@ from transformers import TrainerCallback
 
 from .data import prompt_token_ids
 from .generation import ServerGeneration
+from .metrics import StepMetrics
 from .run_log import format_reward
 from .vllm_client import ServerUnavailable, StopRequested
 
-log = logging.getLogger("trainer")
+log = logging.getLogger(__name__)
 
 
 class Evaluator(TrainerCallback):
     def __init__(self, generation: ServerGeneration, tokenizer, dataset, reward_funcs, reward_weights, every: int,
-                 pending: dict, chat_template_kwargs: dict):
+                 metrics: StepMetrics, chat_template_kwargs: dict):
         self.generation = generation
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.reward_funcs = reward_funcs
         self.reward_weights = list(reward_weights) or [1.0] * len(reward_funcs)
         self.every = every
-        self.pending = pending  # merged into the step's metrics record by RunLogger
+        self.metrics = metrics  # written with the step's record by the run logger
         self.prompt_ids = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for row in dataset]
         self.failure: ServerUnavailable | None = None
 
@@ -38,7 +39,7 @@ class Evaluator(TrainerCallback):
         if not (self.every and state.global_step % self.every == 0):
             return
         try:
-            self.pending.update(self.evaluate(state.global_step))
+            self.metrics.add(self.evaluate(state.global_step))
         except StopRequested:  # the stop callback saves this step and ends the run
             log.warning("evaluation at step %d skipped: stop requested while waiting for the server",
                         state.global_step)

@@ -18,8 +18,9 @@ from trl import GRPOTrainer
 from .adapter_sync import AdapterPublisher
 from .checkpoints import mark_complete
 from .generation import ServerGeneration
-from .model import on_output_head_device
-from .run_log import MicroStepMemory
+from .memory import MicroStepMemory
+from .metrics import StepMetrics
+from .model import output_head_device_guard
 from .vllm_client import VLLMServerClient
 
 
@@ -29,6 +30,7 @@ class MeasuredGRPOTrainer(GRPOTrainer):
     def __init__(self, **kwargs):
         args = kwargs["args"]
         self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir))
+        self.step_metrics = StepMetrics(self.latest_samples)
         super().__init__(**kwargs)
 
     def _prepare_inputs(self, generation_batch):
@@ -36,12 +38,20 @@ class MeasuredGRPOTrainer(GRPOTrainer):
         return self._micro_batch
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        with on_output_head_device(self.accelerator.unwrap_model(model)):
+        with output_head_device_guard(self.accelerator.unwrap_model(model)):
             outputs = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         # With the layers split over both GPUs the head's outputs land on the last one, while TRL keeps masks,
         # advantages and vLLM's sampling logprobs on the first: bring them together there.
         device = self.accelerator.device
         return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in outputs)
+
+    def latest_samples(self, count: int) -> list[dict]:
+        """The last generation batch's first `count` completions, from where TRL keeps them for its tables."""
+        logs = self._logs
+        return [{"prompt": logs["prompt"][i], "completion": logs["completion"][i],
+                 "rewards": {name: values[i] for name, values in logs["rewards"].items()},
+                 "advantage": logs["advantages"][i]}
+                for i in range(min(count, len(logs["completion"])))]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward of one micro-batch

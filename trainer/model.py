@@ -46,13 +46,12 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     return model
 
 
-def on_output_head_device(model):
-    """Make the LM head's GPU the current one while TRL scores tokens. TRL 1.16's fused LM head launches its Triton
-    kernel on the current CUDA device, not on its tensors' (no device guard); with the layers spread over two GPUs
-    the head and its logits tile sit on the second while the first is current, and on 2 x H100 TRL's logprobs came
-    out 3.2 nats (mean; 27 max) away from the same model's plain forward, 0.034 with this guard (BENCHMARKS.md).
-    Guarding the launch by the tensors' device is the fix other Triton kernel libraries made for models spread by
-    `device_map`."""
+def output_head_device_guard(model):
+    """Make the LM head's GPU the current CUDA device while TRL scores tokens. TRL's fused LM head launches its
+    Triton kernel on the current device, not on its tensors' (it has no device guard); with the layers spread over
+    two GPUs the head sits on the second while the first is current, and the logprobs came out wrong by nats
+    (BENCHMARKS.md, "Do vLLM and the trainer compute the same policy?"). Guarding the launch by the tensors' device is the fix other
+    Triton kernel libraries made for models spread by `device_map`."""
     head = model.get_output_embeddings().weight.device
     return torch.cuda.device(head) if head.type == "cuda" else nullcontext()
 

@@ -1,5 +1,5 @@
-"""What a run tells its user: `training.log` and stdout (one readable line per step), `metrics.jsonl` (every metric),
-and the peak GPU memory of each micro-step.
+"""What a run tells its user: `training.log` and stdout (one readable line per step), `metrics.jsonl` (every metric)
+and `samples.jsonl` (completions with their rewards).
 """
 
 from __future__ import annotations
@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 
-log = logging.getLogger("trainer")
+from .memory import MicroStepMemory
+from .metrics import StepMetrics
+
+log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -32,7 +33,10 @@ class BarAwareHandler(logging.Handler):
 
 
 def setup_logging(run_dir: Path) -> None:
-    """Log to stdout (for `docker compose logs trainer`) and append to run_dir/training.log (kept across restarts)."""
+    """Log to stdout (for `docker compose logs trainer`) and append to run_dir/training.log (kept across restarts).
+
+    Each line names its logger: `trainer` for the entry script, the module's name (`trainer.generation`, ...) for
+    the rest, which all take `logging.getLogger(__name__)`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -46,41 +50,10 @@ def setup_logging(run_dir: Path) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def peak_memory_gib() -> dict[str, float]:
-    """Peak allocated memory since the last call, per CUDA device (reset after reading); host max RSS on CPU."""
-    if not torch.cuda.is_available():
-        return {"cpu_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    peaks = {}
-    for device in range(torch.cuda.device_count()):
-        peaks[f"cuda:{device}"] = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-    return peaks
-
-
-class MicroStepMemory:
-    """Logs `torch.cuda.max_memory_allocated()` per device after each micro-step; keeps the step's maximum."""
-
-    def __init__(self, micro_steps_per_step: int, run_dir: Path):
-        self.micro_steps_per_step = micro_steps_per_step
-        self.path = run_dir / "memory.jsonl"
-        self.micro_step = 0
-        self.step_peak: dict[str, float] = {}
-
-    def record(self, step: int, sequences: int, tokens: int) -> None:
-        self.micro_step += 1
-        peaks = peak_memory_gib()
-        for device, gib in peaks.items():
-            self.step_peak[device] = max(gib, self.step_peak.get(device, 0.0))
-        index = (self.micro_step - 1) % self.micro_steps_per_step + 1
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step + 1, "micro_step": index, "sequences": sequences, "tokens": tokens,
-                                "peak_gib": peaks}) + "\n")
-        log.info("micro-step %d/%d of step %d: %d seq, %d tokens, peak memory %s", index, self.micro_steps_per_step,
-                 step + 1, sequences, tokens, " ".join(f"{d}={g:.2f}GiB" for d, g in peaks.items()))
-
-    def take_step_peak(self) -> dict[str, float]:
-        peak, self.step_peak = self.step_peak, {}
-        return peak
+class QuietProgress(ProgressCallback):
+    """TRL's progress bar without its per-step dict dump (RunLogger prints a readable line instead)."""
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -88,24 +61,24 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# bf16 alone moved a well-conditioned gpt-oss-20b's logprobs by 0.05 nats per token on GPU (BENCHMARKS.md); a gap
-# above this means vLLM and the trainer compute different functions, and TRL's importance-sampling correction then
-# weights the tokens near 0.
+# bf16 alone moves a well-conditioned gpt-oss-20b's logprobs by a small fraction of this per token (BENCHMARKS.md,
+# "Do vLLM and the trainer compute the same policy?"); a gap above it means vLLM and the trainer compute different
+# functions, and TRL's importance-sampling correction then weights the tokens near 0.
 LOGP_GAP_WARNING_NATS = 1.0
 # Token-level weights stay near 1 at such gaps; per-completion weights (IMPORTANCE_SAMPLING=sequence_*) multiply the
-# small per-token gaps and averaged 0.002 at 3.6k tokens on H100 (BENCHMARKS.md): the gradient shrinks as much.
+# small per-token gaps and fall toward 0 on long completions (BENCHMARKS.md): the gradient shrinks as much.
 IMPORTANCE_WEIGHT_WARNING = 0.5
 
 
 class RunLogger(TrainerCallback):
     """Per step: one human line (stdout + training.log) and one JSON line in metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters, pending: dict):
+    def __init__(self, run_dir: Path, generation, memory: MicroStepMemory, extra_counters, metrics: StepMetrics):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.generation = generation
         self.memory = memory
         self.extra_counters = extra_counters
-        self.pending = pending  # metrics other callbacks computed for this step (evaluation)
+        self.metrics = metrics  # what other callbacks computed for this step (evaluation)
         self.step_started = None
         self.run_started = None
         self.first_step = None
@@ -124,7 +97,7 @@ class RunLogger(TrainerCallback):
         step_seconds = time.perf_counter() - self.step_started if self.step_started else float("nan")
         self.step_started = None
         timings = self.generation.take_timings()
-        eval_seconds = self.pending.get("eval/seconds", 0.0)
+        eval_seconds = self.metrics.get("eval/seconds", 0.0)
         train_seconds = max(step_seconds - timings.generation_seconds - timings.sync_seconds - eval_seconds, 1e-9)
         record = {"step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **logs,
                   "adapter": timings.adapter,
@@ -135,8 +108,7 @@ class RunLogger(TrainerCallback):
                   "tokens/train_per_s": (timings.completion_tokens + timings.prompt_tokens) / train_seconds,
                   "server/recoveries": timings.recoveries,
                   **{f"memory/peak_gib/{d}": g for d, g in self.memory.take_step_peak().items()},
-                  **self.extra_counters(), **self.pending}
-        self.pending.clear()
+                  **self.extra_counters(), **self.metrics.take()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
         log.info(self.format_line(record, state))
@@ -183,8 +155,8 @@ def _json_default(value):
 class SampleWriter(TrainerCallback):
     """Every N steps, a few of the step's completions with their rewards and advantage, to samples.jsonl."""
 
-    def __init__(self, trainer, run_dir: Path, every: int, count: int):
-        self.trainer = trainer
+    def __init__(self, metrics: StepMetrics, run_dir: Path, every: int, count: int):
+        self.metrics = metrics
         self.path = run_dir / "samples.jsonl"
         self.every = every
         self.count = count
@@ -192,13 +164,10 @@ class SampleWriter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if not self.every or state.global_step % self.every:
             return
-        logs = self.trainer._logs  # TRL keeps the last generation batch here for its completion tables
+        samples = self.metrics.samples(self.count)
         with open(self.path, "a") as f:
-            for i in range(min(self.count, len(logs["completion"]))):
-                sample = {"step": state.global_step, "prompt": logs["prompt"][i], "completion": logs["completion"][i],
-                          "rewards": {name: values[i] for name, values in logs["rewards"].items()},
-                          "advantage": logs["advantages"][i]}
-                f.write(json.dumps(sample, default=_json_default) + "\n")
-        first = logs["completion"][0] if logs["completion"] else ""
+            for sample in samples:
+                f.write(json.dumps({"step": state.global_step, **sample}, default=_json_default) + "\n")
+        first = samples[0]["completion"] if samples else ""
         text = first[-1]["content"] if isinstance(first, list) else first
         log.info("sample at step %d: %r", state.global_step, text[:300])

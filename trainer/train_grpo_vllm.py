@@ -13,50 +13,23 @@ import sys
 
 import torch
 from transformers import ProgressCallback
-from trl import GRPOConfig
 
 from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
 from trainer.config import Settings, SettingsError, help_text
-from trainer.data import DatasetError, eval_data_source, load_prompts, prompt_token_ids
+from trainer.data import DatasetError
 from trainer.evaluation import Evaluator
 from trainer.generation import ServerGeneration, ServerRecovery
 from trainer.grpo import AdapterSyncGRPOTrainer
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.preflight import checked_settings
 from trainer.rewards import RewardError, load_rewards
-from trainer.run_log import RunLogger, SampleWriter, setup_logging
+from trainer.recipe import grpo_config, load_eval_prompts, training_prompts
+from trainer.run_log import QuietProgress, RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
 from trainer.server_pool import server_backend
 from trainer.vllm_client import AdapterUnreadable, ServerError, StopRequested
 
 log = logging.getLogger("trainer")
-
-
-class QuietProgress(ProgressCallback):
-    """TRL's progress bar without its per-step dict dump (RunLogger prints a readable line instead)."""
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-def grpo_config(s: Settings, use_cpu: bool) -> GRPOConfig:
-    return GRPOConfig(
-        output_dir=str(s.run_dir), run_name=s.run_name, seed=s.seed,
-        per_device_train_batch_size=s.micro_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
-        num_generations=s.num_generations, max_completion_length=s.max_completion_length,
-        temperature=s.temperature, top_p=s.top_p, loss_type=s.loss_type, beta=s.beta,
-        learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_steps,
-        max_steps=s.max_steps, reward_weights=list(s.reward_weights) or None,
-        use_vllm=True, vllm_mode="server", vllm_server_host=s.vllm_server_host, vllm_server_port=s.vllm_server_port,
-        vllm_importance_sampling_correction=s.importance_sampling != "off",
-        vllm_importance_sampling_mode=s.importance_sampling if s.importance_sampling != "off" else "token_truncate",
-        # TRL would add gpt-oss's MoE load-balancing loss (coefficient 0.9 from its config): with the router frozen
-        # and LoRA on attention only, it would only bend the adapters toward reshaping expert routing.
-        router_aux_loss_coef=0.0,
-        gradient_checkpointing=s.gradient_checkpointing, bf16=s.torch_dtype == "bfloat16" and not use_cpu,
-        use_cpu=use_cpu, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
-        logging_steps=s.logging_steps, report_to=[] if "none" in s.report_to else list(s.report_to),
-        dataloader_num_workers=0, remove_unused_columns=False, chat_template_kwargs=s.chat_template_kwargs,
-    )
 
 
 def main(argv: list[str]) -> int:
@@ -155,45 +128,16 @@ def check_server(s: Settings, recovery: ServerRecovery) -> None:
 
 
 def add_callbacks(trainer: AdapterSyncGRPOTrainer, s: Settings, reward_funcs, stop: GracefulStop) -> None:
-    pending_metrics: dict = {}  # filled by the evaluator at step end, written with the step's metrics
+    metrics = trainer.step_metrics
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     if s.eval_steps and (eval_dataset := load_eval_prompts(s)) is not None:
         trainer.add_callback(Evaluator(trainer.vllm_generation, trainer.processing_class, eval_dataset, reward_funcs,
-                                       s.reward_weights, s.eval_steps, pending_metrics, s.chat_template_kwargs))
-    trainer.add_callback(SampleWriter(trainer, s.run_dir, s.samples_steps, s.samples_per_step))
+                                       s.reward_weights, s.eval_steps, metrics, s.chat_template_kwargs))
+    trainer.add_callback(SampleWriter(metrics, s.run_dir, s.samples_steps, s.samples_per_step))
     trainer.add_callback(RunLogger(s.run_dir, trainer.vllm_generation, trainer.memory, lambda: {
-        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, pending_metrics))
+        f"rewards/{f.__name__}/failures": f.failures for f in reward_funcs}, metrics))
     trainer.add_callback(stop)
-
-
-def load_eval_prompts(s: Settings):
-    name = eval_data_source(s.dataset, s.eval_dataset)
-    if name is None:
-        log.info("evaluation off: DATASET is a file; set EVAL_DATASET to a held-out .jsonl to evaluate")
-        return None
-    dataset = load_prompts(name, s.dataset_config, s.eval_split, s.system_prompt,
-                           setting="EVAL_DATASET" if s.eval_dataset else "DATASET")
-    return dataset.select(range(min(s.eval_max_prompts, len(dataset))))
-
-
-def training_prompts(s: Settings, tokenizer):
-    """The training split, less the prompts longer than MAX_PROMPT_LENGTH."""
-    dataset = load_prompts(s.dataset, s.dataset_config, s.dataset_split, s.system_prompt)
-    return drop_long_prompts(dataset, tokenizer, s.max_prompt_length, s.chat_template_kwargs)
-
-
-def drop_long_prompts(dataset, tokenizer, max_prompt_length: int, chat_template_kwargs: dict):
-    def fits(row) -> bool:
-        return len(prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs)) <= max_prompt_length
-
-    kept = dataset.filter(fits)
-    if len(kept) < len(dataset):
-        log.warning("skipped %d prompts longer than MAX_PROMPT_LENGTH=%d tokens", len(dataset) - len(kept),
-                    max_prompt_length)
-    if len(kept) == 0:
-        raise SettingsError(f"no prompt fits MAX_PROMPT_LENGTH={max_prompt_length}: raise it")
-    return kept
 
 
 def check_adapter_registration(generation: ServerGeneration) -> None:
