@@ -187,7 +187,10 @@ def test_slurm_script_starts_every_server_and_the_trainer_ranks_per_node(tmp_pat
         "scontrol": 'printf "gpu-a\ngpu-b\n"',
         # one task per node, one after the other
         "srun": 'for id in 0 1; do SLURM_NODEID=$id "${@: -3}" || exit; done',
-        "apptainer": f'env | grep ^APPTAINERENV_ | sort > "{record}/$SLURM_NODEID-$(basename "${{@: -1}}")-$RANDOM"',
+        "apptainer": f'env | grep ^APPTAINERENV_ | sort > "{record}/$SLURM_NODEID-$(basename "${{@: -1}}")-$RANDOM"\n'
+                     # the trainer outlives its node's servers here only once they have all started
+                     f'for _ in $(seq 100); do (($(ls {record} | grep -c "^$SLURM_NODEID-vllm")>=4)) && break; '
+                     'sleep 0.1; done',
     }
     for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
