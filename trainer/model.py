@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import attention  # noqa: F401  registers ATTN_IMPLEMENTATION=fa4 with transformers
 from .config import SettingsError
 
 log = logging.getLogger(__name__)

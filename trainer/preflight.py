@@ -1,16 +1,19 @@
 """Everything the trainer can check without the vLLM server, checked before it waits for the server (up to
 VLLM_WAIT_TIMEOUT): the settings, the runs directory, the reward names, the training and evaluation data and every
-row of a data file, MODEL_NAME, and LORA_TARGET_MODULES against the model's own modules. Every problem is
-reported at once, each naming its setting and the fix; the entry script exits 2 on any.
+row of a data file, MODEL_NAME, LORA_TARGET_MODULES against the model's own modules, and ATTN_IMPLEMENTATION against
+the model and the GPUs. Every problem is reported at once, each naming its setting and the fix; the entry script
+exits 2 on any.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from .attention import attention_problems, resolved_attn_implementation
 from .config import Settings, SettingsError
 from .data import DatasetError, eval_data_source, is_hub_name, load_prompts
 from .rewards import reward_problems
@@ -22,7 +25,8 @@ def checked_settings(environ: Mapping[str, str]) -> Settings:
     problems += problems_before_server(settings)
     if problems:
         raise SettingsError(list(dict.fromkeys(problems)))  # evaluation may read DATASET too: one line each
-    return settings
+    return dataclasses.replace(settings, attn_implementation=resolved_attn_implementation(
+        settings.attn_implementation, settings.torch_dtype))
 
 
 HUB_PROBE_TIMEOUT = 5.0  # seconds
@@ -41,6 +45,8 @@ def problems_before_server(s: Settings) -> list[str]:
             problems += guarded(eval_setting, lambda: data_problems(eval_source, s.dataset_config, s.eval_split,
                                                                     eval_setting, unreachable))
         problems += guarded("MODEL_NAME", lambda: model_problems(s.model_name, s.lora_target_modules, unreachable))
+        problems += guarded("ATTN_IMPLEMENTATION", lambda: attention_problems(
+            s.attn_implementation, s.torch_dtype, model_type_or_none(s.model_name)))
     return problems
 
 
@@ -139,6 +145,16 @@ def model_problems(model_name: str, target_modules: tuple[str, ...], hub_unreach
     except Exception as exc:  # the Hub and transformers raise many types; the user needs to know which case
         return [model_load_problem(shown, exc, hub_unreachable)]
     return lora_target_problems(config, target_modules)
+
+
+def model_type_or_none(model_name: str) -> str | None:
+    """The model's type from its config; None where the config cannot be read (MODEL_NAME's check says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name).model_type
+    except Exception:
+        return None
 
 
 def model_load_problem(shown: str, exc: Exception, hub_unreachable: str | None) -> str:
