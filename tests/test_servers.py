@@ -164,15 +164,14 @@ def test_a_server_failing_mid_sampling_has_its_share_sampled_by_the_other(server
     assert steps_complete(tmp_path / "test-run") == list(range(1, STEPS + 1))
 
 
-def test_two_servers_train_as_one_does(servers, tiny_model, tmp_path):
-    """Same seed and greedy sampling (TOP_P at its floor keeps only the likeliest token): one server and two give the
-    same completions, so the same rewards and losses, up to float sums over batches of other shapes. (With sampling,
-    vLLM draws without a seed: two runs differ even on one server.)"""
+def test_two_servers_sample_what_one_does(servers, tiny_model, tmp_path):
+    """Same seed and greedy sampling (TOP_P at its floor keeps only the likeliest token): one server and two must give
+    the same completions, so the same rewards, step by step, exactly. Greedy groups have no spread, so the loss is 0
+    and the update is not compared; with sampling, vLLM draws without a seed and two runs differ even on one server."""
     common = {"MAX_STEPS": STEPS, "TOP_P": "0.01"}
     one = run_trainer(trainer_env(tiny_model, tmp_path / "one", servers[0].port, **common), tmp_path / "one.log")
     two = run_trainer(pool_env(tiny_model, tmp_path / "two", servers, **common), tmp_path / "two.log")
     assert one.returncode == 0 and two.returncode == 0, (one.stdout[-2000:], two.stdout[-2000:])
     for a, b in zip(metrics(tmp_path / "one/test-run"), metrics(tmp_path / "two/test-run"), strict=True):
-        assert a["tokens/generated"] == b["tokens/generated"], (a["step"], a["tokens/generated"], b["tokens/generated"])
-        for key in ("reward", "loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key, a[key], b[key])
+        for key in ("tokens/generated", "completions/mean_length", "reward", "reward_std"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
