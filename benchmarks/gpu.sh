@@ -36,6 +36,19 @@
 #   gpu.sh grad-agreement [ARGS]
 #                     the LoRA gradients of one batch with the layers split and with two FSDP2 ranks, compared
 #                     (benchmarks/grad_agreement.py; ARGS go to both, e.g. --tokens 3584)
+#   gpu.sh stop-variant LABEL
+#                     kill the variant server LABEL (its whole process group)
+#   gpu.sh server-counters PORT ...
+#                     each server's finished requests (vLLM's vllm:request_success_total), to $OUT/server-counters.txt:
+#                     how a `train VLLM_SERVER_URLS=...` run spread its work over the servers. One server against two
+#                     at the same work, one GPU each:
+#                       gpu.sh restart-vllm VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=0
+#                       OUT=$OUT/one gpu.sh train RUNS_DIR=/tmp/runs-one GRADIENT_ACCUMULATION_STEPS=64 MAX_STEPS=3
+#                       gpu.sh serve-variant second 8001 28 VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=1
+#                       OUT=$OUT/two gpu.sh server-counters 8000 8001    # before: the counts since each start
+#                       OUT=$OUT/two gpu.sh train RUNS_DIR=/tmp/runs-two GRADIENT_ACCUMULATION_STEPS=64 MAX_STEPS=3 \
+#                         VLLM_SERVER_URLS=http://127.0.0.1:8000,http://127.0.0.1:8001
+#                       OUT=$OUT/two gpu.sh server-counters 8000 8001    # after
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (benchmarks/bench_trainer.py)
 #   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
 #                     where vLLM's and the trainer's logprobs part (benchmarks/logprob_agreement.py), for the
@@ -207,6 +220,15 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
     )
     wait_health 420 "$port" "/tmp/vllm-$label.log" "/tmp/vllm-$label.pid" | tee -a "$OUT/variants.log"
     cp "/tmp/vllm-$label.log" "$OUT/" ;;
+  stop-variant)
+    group=$(cat "/tmp/vllm-$2.pid")
+    kill -9 -- "-$group" 2>/dev/null || true
+    while pgrep -g "$group" > /dev/null; do sleep 1; done ;;
+  server-counters)
+    for port in "${@:2}"; do
+      printf 'server on %s: %s requests finished\n' "$port" "$(curl -sf "localhost:$port/metrics" |
+        awk '/^vllm:request_success_total\{/ {n += $NF} END {print n + 0}')"
+    done | tee -a "$OUT/server-counters.txt" ;;
   agreement)
     args=(--url "compose=http://127.0.0.1:$PORT")
     for arg in "${@:2}"; do

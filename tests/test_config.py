@@ -50,11 +50,21 @@ def test_environment_overrides_are_typed():
     ({"GRADIENT_ACCUMULATION_STEPS": "80"}, "asks for 80 sequences"),
     ({"MAX_OFF_POLICY_STEPS": "2"}, "MAX_OFF_POLICY_STEPS=2 keeps up to 3 adapter versions in flight but "
                                     "VLLM_MAX_LORAS=2: raise VLLM_MAX_LORAS to 3"),
+    ({"VLLM_SERVER_URLS": "vllm:8000"}, "'vllm:8000' is not a server's base URL: write each as http://host:port"),
+    ({"VLLM_SERVER_URLS": "http://a:8000/v1"}, "'http://a:8000/v1' has a path: give the base URL only"),
+    ({"VLLM_SERVER_URLS": "http://a:80000"}, "'http://a:80000' is not a URL"),
+    ({"VLLM_SERVER_URLS": "http://a:8000,http://A:8000/"}, "'http://A:8000/' is listed twice"),
 ])
 def test_wrong_values_name_the_setting(env, fragment):
     with pytest.raises(SettingsError) as err:
         Settings.from_env(env)
     assert fragment in str(err.value)
+
+
+def test_server_urls_default_to_the_one_server():
+    assert Settings.from_env({"VLLM_SERVER_HOST": "vllm", "VLLM_SERVER_PORT": "9000"}).server_urls == ("http://vllm:9000",)
+    several = Settings.from_env({"VLLM_SERVER_URLS": " http://a:8000/ , https://b.example:8443 "})
+    assert several.server_urls == ("http://a:8000", "https://b.example:8443")
 
 
 def test_all_problems_reported_at_once():

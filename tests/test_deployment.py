@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,8 @@ def env_example() -> dict[str, str]:
 
 
 def compose_config(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> dict:
-    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker-compose.one-gpu.yml", "docker",
-                 "trainer"):
+    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker-compose.one-gpu.yml",
+                 "docker-compose.8gpu.yml", "docker", "trainer"):
         target = tmp_path / name
         if not target.exists():
             target.symlink_to(REPO / name)
@@ -154,6 +155,82 @@ def test_one_gpu_override_puts_both_services_on_one_card(tmp_path):
         assert devices["device_ids"] == ["3"] and devices["capabilities"] == ["gpu"], name
     assert config["services"]["vllm"]["environment"]["VLLM_TENSOR_PARALLEL_SIZE"] == "1"
     assert "COMPOSE_FILE=docker-compose.yml:docker-compose.one-gpu.yml" in (REPO / "examples/smollm2.env").read_text()
+
+
+def test_8gpu_override_gives_each_server_a_gpu_pair_and_the_trainer_all_of_them(tmp_path):
+    env = (REPO / ".env.example").read_text() + "GPU_DEVICE_7=9\n"
+    config = compose_config(tmp_path, env, "docker-compose.yml", "docker-compose.8gpu.yml")
+    services = config["services"]
+    servers = ["vllm", "vllm-2", "vllm-3", "vllm-4"]
+    pairs = [services[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for name in servers]
+    assert pairs == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "9"]]
+    trainer = services["trainer"]
+    (devices,) = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["device_ids"] == [gpu for pair in pairs for gpu in pair]
+    assert all(trainer["depends_on"][name]["condition"] == "service_healthy" for name in servers)
+    # the trainer reaches each server by its service name, and its settings accept the list
+    settings = Settings.from_env(container_env(trainer))
+    assert settings.server_urls == tuple(f"http://{name}:8000" for name in servers)
+    for name in servers:  # every server reads the adapters where the trainer writes them
+        server = services[name]
+        assert {v["target"]: v["source"] for v in server["volumes"]}["/workspace/runs"] == "runs"
+        assert server["environment"]["VLLM_TENSOR_PARALLEL_SIZE"] == "2" and "8000/health" in str(server["healthcheck"])
+        assert "VLLM_SERVER_URLS" not in server["environment"]
+
+
+def test_slurm_script_starts_every_server_and_the_trainer_ranks_per_node(tmp_path):
+    """scripts/slurm/grpo.sbatch under stand-ins for SLURM's and Apptainer's commands (neither runs here), which
+    record what each container would get."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    stubs = {
+        "scontrol": 'printf "gpu-a\ngpu-b\n"',
+        # one task per node, one after the other
+        "srun": 'for id in 0 1; do SLURM_NODEID=$id "${@: -3}" || exit; done',
+        "apptainer": f'env | grep ^APPTAINERENV_ | sort > "{record}/$SLURM_NODEID-$(basename "${{@: -1}}")-$RANDOM"\n'
+                     # the trainer outlives its node's servers here only once they have all started
+                     f'for _ in $(seq 100); do (($(ls {record} | grep -c "^$SLURM_NODEID-vllm")>=4)) && break; '
+                     'sleep 0.1; done',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / ".env").write_text("VLLM_TENSOR_PARALLEL_SIZE=2\nSYSTEM_PROMPT=Put it in \\boxed{} now\n"
+                                  "LORA_RANK=4\nVLLM_MAX_LORA_RANK=8\n")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SHARED_DIR": str(tmp_path / "shared"),
+           "SLURM_SUBMIT_DIR": str(REPO), "ENV_FILE": str(tmp_path / ".env"), "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "h100:8", "SLURM_JOB_ID": "77", "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(REPO / "scripts/slurm/grpo.sbatch")], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    launched = {}
+    for path in record.iterdir():
+        node, image = path.name.split("-")[:2]
+        values = dict(line.removeprefix("APPTAINERENV_").split("=", 1) for line in path.read_text().splitlines())
+        launched.setdefault((int(node), image), []).append(values)
+    urls = ",".join(f"http://{host}:{8000 + i}" for host in ("gpu-a", "gpu-b") for i in range(4))
+    for node in (0, 1):
+        servers = sorted(launched[(node, "vllm.sif")], key=lambda v: v["VLLM_SERVER_PORT"])
+        assert [(s["VLLM_SERVER_PORT"], s["CUDA_VISIBLE_DEVICES"]) for s in servers] == [
+            ("8000", "0,1"), ("8001", "2,3"), ("8002", "4,5"), ("8003", "6,7")]
+        assert all("LORA_RANK" not in s and "SYSTEM_PROMPT" not in s and s["VLLM_MAX_LORA_RANK"] == "8"
+                   for s in servers), "the trainer's settings reach vLLM"
+        (trainer,) = launched[(node, "trainer.sif")]
+        assert (trainer["NNODES"], trainer["NODE_RANK"], trainer["MASTER_ADDR"]) == ("2", str(node), "gpu-a")
+        assert trainer["VLLM_SERVER_URLS"] == urls and trainer["RUNS_DIR"] == "/workspace/runs"
+        assert trainer["SYSTEM_PROMPT"] == "Put it in \\boxed{} now"  # verbatim, as compose passes it
+        assert Settings.from_env(trainer).server_urls == tuple(urls.split(","))
+
+
+def test_slurm_script_passes_the_server_what_compose_passes_it(tmp_path):
+    script = (REPO / "scripts/slurm/grpo.sbatch").read_text()
+    pattern = re.compile(re.search(r"^SERVER_SETTINGS='(.+)'$", script, re.M).group(1))
+    config = compose_config(tmp_path, (REPO / ".env.example").read_text())
+    set_by_the_script = {"VLLM_SERVER_PORT", "VLLM_HOST", "HF_HOME", "VLLM_CACHE_ROOT"}
+    names = set(config["services"]["vllm"]["environment"]) - set_by_the_script
+    assert {name for name in names if not pattern.match(name)} == set()
+    assert not pattern.match("VLLM_SERVER_URLS") and not pattern.match("LORA_RANK")
 
 
 def test_env_example_names_every_setting():

@@ -174,3 +174,19 @@ def test_step_line_shows_small_rewards(tmp_path, caplog, reward, std, shown):
     caplog.set_level("INFO")
     log_one_step(tmp_path, {"reward": reward, "reward_std": std})
     assert shown in caplog.text
+
+
+def test_groups_go_to_the_servers_with_the_fewest_sequences_in_flight():
+    from trainer.server_pool import ServerPool
+    from trainer.vllm_client import ServerUnavailable, VLLMServerClient
+
+    pool = ServerPool([VLLMServerClient("http://a:8000"), VLLMServerClient("http://b:8000"),
+                       VLLMServerClient("http://c:8000")])
+    a, b, c = pool.members
+    c.up = False  # left the pool: gets nothing
+    a.in_flight = 8  # another call's two groups of 4 still on a
+    shares = pool._assign([0, 1, 2, 3], n=4)
+    assert shares == {b: [0, 1, 3], a: [2]}  # 12 sequences on each in the end
+    a.up = b.up = False
+    with pytest.raises(ServerUnavailable):
+        pool._assign([0], n=4)

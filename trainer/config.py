@@ -54,6 +54,28 @@ def not_empty(what: str) -> Callable[[Any], str | None]:
     return lambda v: None if v else f"is empty: name at least one {what}"
 
 
+def server_urls_problem(urls: tuple[str, ...]) -> str | None:
+    """Each URL a server's base (scheme, host, port; no /v1, which the client adds), none given twice."""
+    from urllib.parse import urlsplit
+
+    seen = set()
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            return f"{url!r} is not a URL: write each as http://host:port"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"{url!r} is not a server's base URL: write each as http://host:port"
+        if parts.path.rstrip("/") or parts.query or parts.fragment:
+            return f"{url!r} has a path: give the base URL only (http://host:port; the trainer adds /v1/...)"
+        key = (parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80))
+        if key in seen:
+            return f"{url!r} is listed twice: name each server once (a server listed twice would get twice the load)"
+        seen.add(key)
+    return None
+
+
 @dataclass(frozen=True)
 class Choice:
     """A check that a value (or, with `each`, every item of a list) is one of `choices`; `--help` lists them."""
@@ -80,6 +102,7 @@ class Settings:
     # --- the vLLM server ---
     vllm_server_host: str = setting("VLLM_SERVER_HOST", "localhost", "Host name of the vLLM server (the compose service name in the stack).")
     vllm_server_port: int = setting("VLLM_SERVER_PORT", 8000, "Port of the vLLM server.", between(1, 65535))
+    vllm_server_urls: tuple[str, ...] = setting("VLLM_SERVER_URLS", (), "Comma-separated base URLs of several vLLM servers (http://host:port each, e.g. http://vllm:8000,http://vllm-2:8000); each step's prompts are spread over them, every adapter version is registered on all. Empty: the one server at VLLM_SERVER_HOST:VLLM_SERVER_PORT. Every server must read RUNS_DIR at the same path (docs/multi-node.md).", server_urls_problem)
     vllm_api_key: str = setting("VLLM_API_KEY", "", "API key shared with the server's --api-key; empty means none. Never logged.")
     vllm_wait_timeout: float = setting("VLLM_WAIT_TIMEOUT", 1800.0, "Seconds to wait for GET /health before giving up (first start downloads and loads the model).", between(1, MAX_SECONDS))
     vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", between(1, MAX_SECONDS))
@@ -138,7 +161,7 @@ class Settings:
     logging_steps: int = setting("LOGGING_STEPS", 1, "Log metrics every this many steps (times and tokens then cover all of them).", at_least(1))
     report_to: tuple[str, ...] = setting("REPORT_TO", ("tensorboard",), "Comma-separated: tensorboard, wandb, trackio, or none.", each_one_of(*REPORT_TARGETS))
     # --- trainer processes (trainer/launch.py starts them) ---
-    trainer_processes: int = setting("TRAINER_PROCESSES", 0, "Trainer processes on this node, one per GPU: with more than one in all (this times NNODES), each holds whole layers, FSDP2 shards the frozen base across them, each runs its share of the micro-steps and the gradients are averaged; with one, the model's layers are spread over the visible GPUs. 0: one per visible GPU (a host without GPU needs a number).", at_least(0))
+    trainer_processes: int = setting("TRAINER_PROCESSES", 1, "Trainer processes on this node. 1: one process, the model's layers spread over the visible GPUs. More than one in all (this times NNODES): one per GPU, each holding whole layers, FSDP2 sharding the frozen base, each running its share of the micro-steps, the gradients averaged; each process loads the whole model on its GPU before sharding it, which beside vLLM leaves little room on an 80 GB GPU (docs/trainer-ranks.md). 0: one per visible GPU (a host without GPU needs a number).", at_least(0))
     nnodes: int = setting("NNODES", 1, "Nodes the trainer's processes run on (torchrun --nnodes).", at_least(1))
     node_rank: int = setting("NODE_RANK", 0, "This node's index among NNODES, from 0 (torchrun --node-rank).", at_least(0))
     master_addr: str = setting("MASTER_ADDR", "localhost", "Address of node 0, where the processes meet (torchrun --master-addr); reachable from every node.")
@@ -148,6 +171,11 @@ class Settings:
     @property
     def server_url(self) -> str:
         return f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+    @property
+    def server_urls(self) -> tuple[str, ...]:
+        """Every server the trainer samples from: VLLM_SERVER_URLS, or the one at VLLM_SERVER_HOST:PORT."""
+        return tuple(url.rstrip("/") for url in self.vllm_server_urls) or (self.server_url,)
 
     @property
     def run_dir(self) -> Path:

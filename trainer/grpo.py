@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 from unittest import mock
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 import trl.trainer.grpo_trainer as trl_grpo
 from transformers import TrainerCallback
 from trl import GRPOTrainer
@@ -48,6 +49,14 @@ class MeasuredGRPOTrainer(GRPOTrainer):
         load = torch.load
         with mock.patch.object(torch, "load", lambda *args, **kwargs: load(*args, **{**kwargs, "map_location": "cpu"})):
             return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if not (self.ranks.distributed and training) or isinstance(model, DistributedDataParallel):
+            return super()._wrap_model(model, training, dataloader)
+        # accelerate refuses DDP around FSDP2's DTensor parameters on GPUs (seen on 2 x H200); DDP itself leaves them
+        # to FSDP2 (shard_frozen_base lists them as ignored). The HF Trainer hands a model wrapped here to nobody else.
+        device_ids = [self.ranks.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids)
 
     def _prepare_inputs(self, generation_batch):
         self._micro_batch = super()._prepare_inputs(generation_batch)

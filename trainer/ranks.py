@@ -8,8 +8,8 @@ same error instead of leaving them in a collective until the process-group timeo
 
 The LoRA parameters and their optimizer state are replicated, not sharded: a few MiB that every rank holds whole, so
 publishing an adapter or saving a checkpoint needs no gather and the checkpoint holds the single process's files.
-Their gradients are averaged across ranks by DDP (which
-accelerate wraps around the model in any multi-process run) over those parameters only; FSDP2 owns the rest.
+Their gradients are averaged across ranks by DDP (grpo.py wraps the model in it) over those parameters only;
+FSDP2 owns the rest.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def collective_timeout_seconds(wait_timeout: float, request_timeout: float, max_
 def shard_frozen_base(model) -> None:
     """FSDP2 over the frozen base: each decoder layer one unit (its weights gathered for its forward and backward
     only), the rest of the model the root unit; the trainable LoRA parameters are left out, whole on every rank.
-    DDP, which accelerate wraps around the model, is told to leave everything but them alone."""
+    DDP, which the trainer wraps around the model, is told to leave everything but them alone."""
     from torch.distributed.fsdp import fully_shard
 
     trainable = {p for p in model.parameters() if p.requires_grad}

@@ -29,7 +29,8 @@ from trainer.rewards import RewardError, load_rewards
 from trainer.recipe import collective_timeout, grpo_config, load_eval_prompts, training_prompts
 from trainer.run_log import QuietProgress, RunLogger, SampleWriter, setup_logging
 from trainer.shutdown import GracefulStop
-from trainer.vllm_client import ServerError, StopRequested, VLLMServerClient
+from trainer.server_pool import server_backend
+from trainer.vllm_client import AdapterUnreadable, ServerError, StopRequested
 
 log = logging.getLogger("trainer")
 
@@ -79,12 +80,11 @@ def disk_full(exc: BaseException | None) -> bool:
 def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(s.run_dir / "tb"))
     reward_funcs = load_rewards(s.reward_funcs)  # unknown names fail before anything slow
-    client = VLLMServerClient(s.server_url, s.vllm_api_key, s.vllm_request_timeout, s.vllm_max_retries,
-                              s.vllm_retry_max_wait)
+    client = server_backend(s)
     log.info("Generation config: use_vllm=True, vllm_mode=server, server=%s, weight_sync=lora_adapter, "
              "num_generations=%d, prompts_per_step=%d, max_completion_length=%d, temperature=%s, top_p=%s, "
              "sequences_per_round=%d (%d step(s) each), max_off_policy_steps=%d (%s)",
-             s.server_url, s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p,
+             ", ".join(s.server_urls), s.num_generations, s.prompts_per_step, s.max_completion_length, s.temperature, s.top_p,
              s.sequences_per_round, s.steps_per_round, s.max_off_policy_steps,
              "the next round is sampled while a step trains" if s.max_off_policy_steps else "synchronous")
     tokenizer = load_tokenizer(s.model_name)
@@ -121,7 +121,7 @@ def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
              trainer.state.global_step, final)
     try:
         ranks.on_main(lambda: trainer.vllm_generation.publisher.publish_final(s.run_name, final))
-        log.info("the vLLM server at %s serves the final adapter as model %r", s.server_url, s.run_name)
+        log.info("the vLLM server at %s serves the final adapter as model %r", client.base_url, s.run_name)
     except ServerError as exc:  # the adapter is saved; serving it is a convenience that must not fail the run
         log.warning("could not register the final adapter with the vLLM server as %r: %s", s.run_name, exc)
     return 0
@@ -165,6 +165,8 @@ def check_adapter_registration(generation: ServerGeneration) -> None:
     """Register the untrained adapter once before training, so a server that cannot take it fails the start."""
     try:
         generation.check_server_accepts_adapter()
+    except AdapterUnreadable:  # its message names the fix
+        raise
     except ServerError as exc:
         raise ServerError(f"{exc}\nthe vLLM server must run with --enable-lora, --max-lora-rank >= LORA_RANK and "
                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (VLLM_MAX_LORA_RANK in .env)") from exc

@@ -36,6 +36,16 @@ class AdapterNotFound(ServerError):
     """A request named an adapter the server does not have (it restarted, or it was never loaded)."""
 
 
+class AdapterUnreadable(ServerError):
+    """The server cannot find or read the adapter files at the path it was given."""
+
+
+# A server reads each adapter from the path the trainer wrote it to: the same files, at the same path, on its side.
+SHARED_STORAGE_FIX = ("the adapters directory (under RUNS_DIR) must be on storage every server reads at the same "
+                      "path: the runs volume mounted into every container on one host, a network filesystem (NFS, "
+                      "Lustre, ...) mounted at the same path on every host across hosts (docs/multi-node.md)")
+
+
 class TransientServerError(ServerError):
     """A fault worth retrying: the server is starting, overloaded or briefly unreachable."""
 
@@ -184,6 +194,9 @@ class VLLMServerClient:
             # A previous trainer process registered this version; its files were rewritten since.
             self.unload_lora_adapter(name)
             response = load()
+        if response.status_code == 404 and "no adapter found" in response.text.lower():
+            raise AdapterUnreadable(f"vLLM server at {self.base_url} cannot read adapter {name!r} at {path}: "
+                                    f"{SHARED_STORAGE_FIX}")
         if response.status_code == 404:
             raise ServerError(f"vLLM server at {self.base_url} has no /v1/load_lora_adapter: start it with "
                               "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
