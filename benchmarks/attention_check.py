@@ -200,7 +200,7 @@ def attention_alone(model, implementation: str, layer: int, length: int, keep) -
     module.sinks.requires_grad_(True)  # frozen under LoRA; eager reads the module's own, the others `s_aux`
 
     def run(attend, mask, dtype):
-        q, k, v = (t.to(dtype).requires_grad_(True) for t in inputs)
+        q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in inputs)  # fresh leaves on every call
         module.sinks.grad = None
         s = module.sinks if dtype == module.sinks.dtype else module.sinks.detach().to(dtype).requires_grad_(True)
         out = attend(module, q, k, v, mask, scaling=module.scaling, dropout=0.0,

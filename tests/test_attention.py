@@ -267,22 +267,24 @@ def test_the_same_kernel_is_left_alone_for_a_model_without_sinks(tiny_model, tmp
 
 
 def test_fa4_where_it_cannot_run_is_named_with_the_reason(gpt_oss_model, tmp_path, monkeypatch):
+    # The test environment installs the trainer image's packages, flash-attn-4 among them, on a host without GPU.
     env = start_settings(gpt_oss_model, tmp_path, ATTN_IMPLEMENTATION="fa4", TORCH_DTYPE="float32")
     with pytest.raises(SettingsError) as err:
         checked_settings(env)
     assert err.value.problems == [
-        "ATTN_IMPLEMENTATION='fa4': the flash-attn-4 package is not installed (the trainer image has it): use eager "
+        "ATTN_IMPLEMENTATION='fa4': it needs a CUDA GPU and none is visible: use eager "
         "(or auto: fa4 where it can run, else eager)",
         "ATTN_IMPLEMENTATION='fa4' computes in bfloat16 or float16 only, and TORCH_DTYPE=float32: set "
         "TORCH_DTYPE=bfloat16 or use eager"]
-    # The package installed but no GPU: a case this CPU machine cannot reach for real (the package's CUDA libraries
-    # are not installed here), so its presence is faked.
-    monkeypatch.setattr(attention.importlib.metadata, "version", lambda name: "4.0.0b36")
-    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object())
+    # An environment without the package (not this one): its absence is faked.
+    def not_installed(name):
+        raise attention.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(attention.importlib.metadata, "version", not_installed)
     with pytest.raises(SettingsError) as err:
         checked_settings({**env, "TORCH_DTYPE": "bfloat16"})
-    assert err.value.problems == ["ATTN_IMPLEMENTATION='fa4': it needs a CUDA GPU and none is visible: use eager "
-                                  "(or auto: fa4 where it can run, else eager)"]
+    assert err.value.problems == ["ATTN_IMPLEMENTATION='fa4': the flash-attn-4 package is not installed (the trainer "
+                                  "image has it): use eager (or auto: fa4 where it can run, else eager)"]
 
 
 def test_auto_is_eager_where_fa4_cannot_run(gpt_oss_model, tmp_path):

@@ -187,3 +187,16 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(vllm_serv
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint-*"))
     assert checkpoints == [f"checkpoint-{step}"]
     assert {"COMPLETE", "rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (run_dir / checkpoints[0]).iterdir()}
+
+
+def test_two_ranks_train_on_rounds_sampled_ahead(vllm_server, tiny_model, tmp_path):
+    """With MAX_OFF_POLICY_STEPS=1, rank 0 samples every rank's next round while both train on the current one."""
+    env = ranks_env(tiny_model, tmp_path, vllm_server.port, 2, MAX_STEPS=3, EVAL_STEPS=0, MAX_OFF_POLICY_STEPS=1)
+    log_path = tmp_path / "stdout.log"
+    process = start_launcher(env, log_path)
+    stdout = finish(process, log_path)
+    assert process.returncode == 0, stdout[-4000:]
+    rows = metrics(tmp_path / "test-run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["rollouts/sampled_ahead"] for r in rows] == [0, 1, 1]
+    assert [r["rollouts/staleness"] for r in rows] == [0, 1, 1]
