@@ -261,12 +261,13 @@ class ServerGeneration:
             self.publisher.release(adapter)
 
     def sample(self, what: str, prompts: list[list[int]], n: int) -> list[Completion]:
-        """`n` completions per prompt (token IDs) from the current step's adapter, in prompt order (evaluation)."""
+        """`n` completions per prompt (token IDs) from the current step's adapter, in prompt order (evaluation).
+        Unseeded: vLLM's CPU build fails a seeded request whose prefill it splits over steps, as it does with an
+        evaluation's many prompts; training rounds carry the seed."""
         self._publish_current()
         return self.recovery.call(what, lambda: self.client.complete(
             self.publisher.current, prompts, n=n, max_tokens=self.max_completion_length,
-            temperature=self.temperature, top_p=self.top_p, seed=self._seed(self.current_step())),
-            restore=self._restore_adapter)
+            temperature=self.temperature, top_p=self.top_p), restore=self._restore_adapter)
 
     def _seed(self, step: int) -> int | None:
         return None if self.seed is None else self.seed + step
