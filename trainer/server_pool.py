@@ -111,6 +111,11 @@ class ServerPool:
         return min(served.values(), key=lambda e: e.get("max_model_len") or float("inf"))
 
     # ------------------------------------------------------------------ LoRA adapters
+    def kv_cache_tokens(self) -> int | None:
+        """Tokens of KV cache over the servers that are up (a round is spread over them); None if one does not say."""
+        tokens = [m.client.kv_cache_tokens() for m in self._up_members()]
+        return None if not tokens or None in tokens else sum(tokens)
+
     def load_lora_adapter(self, name: str, path: str) -> None:
         """Register on every server that is up; one that is down gets it when it rejoins."""
         self.registered[name] = path
