@@ -39,7 +39,7 @@ def gradients(args):
 
     ranks = start_ranks(3600)
     model = load_model(args.checkpoint, args.dtype, args.attn_implementation, args.gpu_memory_budget_gib,
-                       gradient_checkpointing=True, device=ranks.device() if ranks.distributed else None)
+                       gradient_checkpointing=True, for_ranks=ranks.distributed)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     torch.manual_seed(0)  # lora_A's initialisation: the same in both layouts
@@ -53,7 +53,7 @@ def gradients(args):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     wrapped = model
     if ranks.distributed:
-        shard_frozen_base(model)
+        shard_frozen_base(model, ranks.device())
         wrapped = DistributedDataParallel(model, device_ids=[ranks.local_rank] if torch.cuda.is_available() else None)
     ids, advantages = batch(model.config.vocab_size, args.sequences, args.tokens)
     total_tokens = ids[:, 1:].numel()

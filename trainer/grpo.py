@@ -38,8 +38,12 @@ class MeasuredGRPOTrainer(GRPOTrainer):
         self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir), ranks)
         self.step_metrics = StepMetrics(self.latest_samples)
         super().__init__(**kwargs)
-        if ranks.distributed:  # after TRL added the LoRA layers, before accelerate wraps the model in DDP
-            shard_frozen_base(self.model)
+        if ranks.distributed:  # after TRL added the LoRA layers, before the model is wrapped in DDP
+            shard_frozen_base(self.model, ranks.device())
+
+    def _move_model_to_device(self, model, device):
+        if not self.ranks.distributed:  # ranks: the model is in host memory until shard_frozen_base moves it
+            super()._move_model_to_device(model, device)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if not (self.ranks.distributed and self.args.device.type == "cpu"):

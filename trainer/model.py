@@ -24,10 +24,11 @@ def load_tokenizer(model_name: str):
 
 
 def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
-               gradient_checkpointing: bool, device: torch.device | None = None):
-    """The whole model on `device` (one trainer rank: FSDP2 shards it afterwards), or, without one, its layers
-    spread over the visible GPUs within the budget (one trainer process)."""
-    if device is None and attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
+               gradient_checkpointing: bool, for_ranks: bool = False):
+    """For trainer ranks, the whole model in host memory: FSDP2 then takes it to the rank's GPU one decoder layer
+    at a time, keeping only the rank's shard (ranks.shard_frozen_base), so no GPU ever holds the whole model beside
+    the server. For one trainer process, its layers spread over the visible GPUs within the budget."""
+    if not for_ranks and attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
         # seen on 2 x H100 with transformers 5.17: its padding mask stays on the first GPU, and Inductor cannot
         # lower the flex kernel of a layer on the second ("Buffers cannot be created while lowering a pointwise
         # subgraph"); the first micro-step fails after a whole generation
@@ -39,10 +40,8 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
         from transformers import Mxfp4Config
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # LoRA trains on bf16 weights
-    if device is not None:
-        # Each rank reads the checkpoint itself onto its own device, so one rank briefly holds the whole bf16
-        # model before FSDP2 frees all but its shard; loading on one rank and broadcasting would halve that peak.
-        kwargs["device_map"] = {"": device}
+    if for_ranks:
+        kwargs["device_map"] = {"": "cpu"}  # each rank reads it: host memory for one bf16 copy per rank
     elif torch.cuda.is_available():
         kwargs["device_map"] = "balanced"  # half the layers per GPU, beside the TP=2 server's halves
         kwargs["max_memory"] = {i: f"{gpu_memory_budget_gib}GiB" for i in range(torch.cuda.device_count())}

@@ -30,10 +30,14 @@ T = TypeVar("T")
 class Ranks:
     """This process's place among the trainer's processes; one process is a world of one and every call is local."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, host_group=None):
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
+        # Results, flags and barriers go through a gloo group on the CPU: a rank waiting there for rank 0 (while it
+        # samples from the server, for minutes) waits in a thread, where an NCCL collective would keep a kernel
+        # spinning on its GPU, taking turns with the vLLM server's kernels on that GPU.
+        self.host_group = host_group
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +60,7 @@ class Ranks:
                 outcome[0] = ("ok", call())
             except BaseException as exc:  # StopRequested and SystemExit too: no rank may stay behind
                 outcome[0] = ("error", portable(exc))
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=self.host_group)
         kind, value = outcome[0]
         if kind == "error":
             raise value
@@ -66,8 +70,8 @@ class Ranks:
         """True on every rank if `flag` is true on any."""
         if not self.distributed:
             return flag
-        value = torch.tensor([1 if flag else 0], device=self.collective_device())
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = torch.tensor([1 if flag else 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(value.item())
 
     def gather(self, value: T) -> list[T]:
@@ -75,15 +79,12 @@ class Ranks:
         if not self.distributed:
             return [value]
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
+        dist.all_gather_object(gathered, value, group=self.host_group)
         return gathered
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
-
-    def collective_device(self) -> torch.device:
-        return self.device() if dist.get_backend() == "nccl" else torch.device("cpu")
+            dist.barrier(group=self.host_group)
 
 
 def portable(exc: BaseException) -> BaseException:
@@ -110,9 +111,11 @@ def start_ranks(timeout_seconds: float) -> Ranks:
         backend = "nccl"
     else:
         backend = "gloo"
+    timeout = timedelta(seconds=timeout_seconds)
     if not dist.is_initialized():  # accelerate joins this group rather than starting its own
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
-    return Ranks(rank, world_size, local_rank)
+        dist.init_process_group(backend, timeout=timeout)
+    host_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return Ranks(rank, world_size, local_rank, host_group)
 
 
 def collective_timeout_seconds(wait_timeout: float, request_timeout: float, max_retries: int,
@@ -124,10 +127,13 @@ def collective_timeout_seconds(wait_timeout: float, request_timeout: float, max_
     return wait_timeout + 2 * one_try + 600.0
 
 
-def shard_frozen_base(model) -> None:
+def shard_frozen_base(model, device: torch.device) -> None:
     """FSDP2 over the frozen base: each decoder layer one unit (its weights gathered for its forward and backward
     only), the rest of the model the root unit; the trainable LoRA parameters are left out, whole on every rank.
-    DDP, which the trainer wraps around the model, is told to leave everything but them alone."""
+    DDP, which the trainer wraps around the model, is told to leave everything but them alone.
+
+    The model may arrive in host memory (load_model's `for_ranks`): FSDP2 moves each unit to `device` as it
+    shards it, so the GPU holds one whole layer at most besides its shards; the LoRA parameters follow."""
     from torch.distributed.fsdp import fully_shard
 
     trainable = {p for p in model.parameters() if p.requires_grad}
@@ -138,6 +144,8 @@ def shard_frozen_base(model) -> None:
     for layer in layers:
         fully_shard(layer, ignored_params=trainable)
     fully_shard(model, ignored_params=trainable)
+    for p in trainable:  # FSDP2 moves only what it manages
+        p.data = p.data.to(device)
     trainable_ids = {id(p) for p in trainable}
     model._ddp_params_and_buffers_to_ignore = [
         name for name, p in model.named_parameters() if id(p) not in trainable_ids] + [
