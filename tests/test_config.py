@@ -14,6 +14,7 @@ def test_defaults_match_the_product():
     assert s.run_dir.as_posix() == "runs/grpo_gptoss20b_lora4_tes"
     assert (s.lora_rank, s.micro_batch_size) == (4, 1)
     assert s.sequences_per_step == 16 and s.prompts_per_step == 2
+    assert (s.trainer_processes, s.attn_implementation) == (0, "auto")  # one rank per GPU, FA4 where it runs
 
 
 def test_environment_overrides_are_typed():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -80,14 +81,16 @@ def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         q = q.reshape(batch * q_len, *q.shape[2:])[q_tokens]
         k, v = (t.reshape(batch * kv_len, *t.shape[2:])[k_tokens] for t in (k, v))
     window = (sliding_window - 1, 0) if sliding_window else (None, None)  # transformers' window counts the token
-    out = fa4_varlen_kernel()(
-        q, k, v,
-        cu_seqlens_q=F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)),
-        cu_seqlens_k=F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0)),
-        max_seqlen_q=q_len if q_tokens is None else int(q_lens.max()),
-        max_seqlen_k=kv_len if k_tokens is None else int(k_lens.max()),
-        softmax_scale=scaling, causal=True, window_size=window,
-        learnable_sink=s_aux)
+    # the kernel launches on the current device: with the layers spread over GPUs that is not always this layer's
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        out = fa4_varlen_kernel()(
+            q, k, v,
+            cu_seqlens_q=F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            cu_seqlens_k=F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0)),
+            max_seqlen_q=q_len if q_tokens is None else int(q_lens.max()),
+            max_seqlen_k=kv_len if k_tokens is None else int(k_lens.max()),
+            softmax_scale=scaling, causal=True, window_size=window,
+            learnable_sink=s_aux)
     out = out[0] if isinstance(out, tuple) else out  # (out, lse)
     if q_tokens is None:
         return out.view(batch, q_len, *out.shape[1:]), None

@@ -41,10 +41,7 @@ def processes_per_node(requested: int) -> int:
                             f"so at most {visible} (0 takes them all)")
     if requested:
         return requested
-    if visible == 0:
-        raise SettingsError("TRAINER_PROCESSES=0 means one process per visible GPU, and no GPU is visible: set "
-                            "TRAINER_PROCESSES to the number of processes (1 on a host without GPU)")
-    return visible
+    return visible or 1  # no GPU: one process on the CPU
 
 
 def torchrun_command(settings, per_node: int) -> list[str]:
@@ -65,9 +62,13 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    env = dict(os.environ, TRAINER_SETTINGS_CHECKED="1")  # the processes skip the checks just made
+    # the processes skip the checks just made, and take `auto`'s attention as resolved here
+    env = dict(os.environ, TRAINER_SETTINGS_CHECKED="1", ATTN_IMPLEMENTATION=settings.attn_implementation)
     if per_node * settings.nnodes == 1:
         os.execve(sys.executable, [sys.executable, str(ENTRY_SCRIPT)], env)
+    # torchrun gives each process one CPU thread unless OMP_NUM_THREADS is set; ranks read and dequantize the model
+    # on the CPU (model.load_model), which on one thread takes many minutes: give each its share of the CPUs
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // per_node)))
     return run_torchrun(torchrun_command(settings, per_node), env)
 
 
