@@ -49,6 +49,10 @@
 #                       OUT=$OUT/two gpu.sh train RUNS_DIR=/tmp/runs-two GRADIENT_ACCUMULATION_STEPS=64 MAX_STEPS=3 \
 #                         VLLM_SERVER_URLS=http://127.0.0.1:8000,http://127.0.0.1:8001
 #                       OUT=$OUT/two gpu.sh server-counters 8000 8001    # after
+#   gpu.sh attention [ARGS]
+#                     which attention kernels train gpt-oss correctly: logits and input and LoRA gradients against
+#                     float64, and speed, on the checkpoint's layer shapes (benchmarks/attention_check.py; ARGS such
+#                     as --lengths 1024,4096 --implementations eager,fa4): $OUT/attention-check.json
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (benchmarks/bench_trainer.py)
 #   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
 #                     where vLLM's and the trainer's logprobs part (benchmarks/logprob_agreement.py), for the
@@ -262,6 +266,9 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
       kill -9 -- "-$(cat "/tmp/vllm-$label.pid")" 2>/dev/null || true
       while pgrep -g "$(cat "/tmp/vllm-$label.pid")" > /dev/null; do sleep 1; done; sleep 3
     done ;;
+  attention)
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/attention_check.py" "$CKPT" \
+      --out "$OUT/attention-check.json" "${@:2}" 2>&1 | tee "$OUT/attention-check.log" ;;
   bench)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
   *)
