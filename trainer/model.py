@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import attention  # noqa: F401  registers ATTN_IMPLEMENTATION=fa4 with transformers
+from . import attention  # importing it registers ATTN_IMPLEMENTATION=fa4 with transformers
 from .config import SettingsError
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     """For trainer ranks, the whole model in host memory: FSDP2 then takes it to the rank's GPU one decoder layer
     at a time, keeping only the rank's shard (ranks.shard_frozen_base), so no GPU ever holds the whole model beside
     the server. For one trainer process, its layers spread over the visible GPUs within the budget."""
+    attn_implementation = attention.resolved_attn_implementation(attn_implementation, dtype)  # `auto` from any caller
     if not for_ranks and attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
         # seen on 2 x H100 with transformers 5.17: its padding mask stays on the first GPU, and Inductor cannot
         # lower the flex kernel of a layer on the second ("Buffers cannot be created while lowering a pointwise
