@@ -1,5 +1,5 @@
 """Fixtures: tiny random checkpoints, a real vLLM server (CPU build, own venv) started by the compose entrypoint,
-and a helper that runs the trainer entry script as the trainer container does."""
+and helpers that run the trainer entry script, or the container's launcher, as the trainer container does."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -23,6 +24,7 @@ from scripts.random_models import save_tiny_dense  # noqa: E402
 SERVER_PYTHON = Path(os.environ.get("VLLM_SERVER_PYTHON", REPO / ".venv/server/bin/python"))
 API_KEY = "test-key-1234"
 SERVER_START_TIMEOUT = 300
+LAUNCHER_TIMEOUT = 300
 
 
 def free_port() -> int:
@@ -155,6 +157,36 @@ def run_trainer(env: dict, log_path: Path, timeout: float = 900) -> subprocess.C
         process.wait()
         raise AssertionError(f"trainer did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, log_path.read_text(), "")
+
+
+def start_launcher(env: dict, log_path: Path) -> subprocess.Popen:
+    """The trainer container's command (trainer/launch.py: one process, or torchrun and its ranks)."""
+    log_file = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "trainer/launch.py")], env=env, cwd=REPO, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log_path: Path, timeout: float = LAUNCHER_TIMEOUT) -> str:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(process)
+        raise AssertionError(f"trainer did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
+    return log_path.read_text()
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher, torchrun and the ranks (torchrun starts each rank in a session of its own)."""
+    try:
+        family = [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

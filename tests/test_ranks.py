@@ -9,45 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from conftest import REPO, start_server, trainer_env, wait_for
+from conftest import LAUNCHER_TIMEOUT, REPO, finish, kill_all, start_launcher, start_server, trainer_env, wait_for
 
 pytestmark = pytest.mark.server
 
 LAUNCHER = REPO / "trainer/launch.py"
-RUN_TIMEOUT = 300
-
-
-def start_launcher(env: dict, log_path: Path) -> subprocess.Popen:
-    log_file = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, str(LAUNCHER)], env=env, cwd=REPO, stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, log_path: Path, timeout: float = RUN_TIMEOUT) -> str:
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill_all(process)
-        raise AssertionError(f"trainer did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
-    return log_path.read_text()
-
-
-def kill_all(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher, torchrun and the ranks (torchrun starts each rank in a session of its own)."""
-    try:
-        family = [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.wait()
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -67,7 +36,8 @@ def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def ranks_env(tiny_model: Path, runs: Path, port: int, processes: int, **overrides) -> dict:
-    return trainer_env(tiny_model, runs, port, TRAINER_PROCESSES=processes, **overrides)
+    # ATTN_IMPLEMENTATION at its default, auto: the launcher resolves it (eager on the CPU) for every rank
+    return trainer_env(tiny_model, runs, port, TRAINER_PROCESSES=processes, **{"ATTN_IMPLEMENTATION": "auto", **overrides})
 
 
 # ---------------------------------------------------------------------------------------- settings, no server
@@ -80,12 +50,11 @@ def test_launcher_rejects_bad_process_settings_once(tiny_model, tmp_path):
     assert "multiple of 3" in result.stderr
 
 
-def test_launcher_needs_a_process_count_without_gpu(tiny_model, tmp_path):
-    env = ranks_env(tiny_model, tmp_path, 9, 0)
-    result = subprocess.run([sys.executable, str(LAUNCHER)], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "no GPU is visible: set TRAINER_PROCESSES" in result.stderr
+def test_one_process_per_gpu_means_one_process_without_gpu():
+    from trainer.launch import processes_per_node
+    assert not torch.cuda.is_available()
+    assert processes_per_node(0) == 1  # the default, TRAINER_PROCESSES=0: one per visible GPU, else one
+    assert processes_per_node(2) == 2  # a number is taken as given on the CPU (gloo ranks)
 
 
 # ---------------------------------------------------------------------------------------- one rank vs two
@@ -146,12 +115,18 @@ def test_two_ranks_register_one_adapter_version_per_step(one_and_two_ranks):
 
 
 # ---------------------------------------------------------------------------------------- faults
-def test_two_ranks_resume_after_kill_9(vllm_server, tiny_model, tmp_path):
-    env = ranks_env(tiny_model, tmp_path, vllm_server.port, 2, MAX_STEPS=3, SAVE_STEPS=1, EVAL_STEPS=0)
+def start_two_ranks(port: int, tiny_model: Path, tmp_path: Path, **settings):
+    """Two ranks launched as the container does; their run directory and stdout."""
+    env = ranks_env(tiny_model, tmp_path, port, 2, EVAL_STEPS=0, **settings)
     run_dir, log_path = tmp_path / "test-run", tmp_path / "stdout.log"
-    process = start_launcher(env, log_path)
+    return start_launcher(env, log_path), env, run_dir, log_path
+
+
+def test_two_ranks_resume_after_kill_9(vllm_server, tiny_model, tmp_path):
+    process, env, run_dir, log_path = start_two_ranks(vllm_server.port, tiny_model, tmp_path, MAX_STEPS=3,
+                                                      SAVE_STEPS=1)
     try:
-        wait_for(lambda: (run_dir / "checkpoint-1/COMPLETE").exists(), RUN_TIMEOUT, "checkpoint-1")
+        wait_for(lambda: (run_dir / "checkpoint-1/COMPLETE").exists(), LAUNCHER_TIMEOUT, "checkpoint-1")
     finally:
         kill_all(process)  # as `docker kill`: every process at once, no chance to save
     done = [r["step"] for r in metrics(run_dir)]
@@ -168,11 +143,10 @@ def test_two_ranks_resume_after_kill_9(vllm_server, tiny_model, tmp_path):
 
 
 def test_sigterm_stops_every_rank_at_the_same_step_with_one_checkpoint(vllm_server, tiny_model, tmp_path):
-    env = ranks_env(tiny_model, tmp_path, vllm_server.port, 2, MAX_STEPS=200, SAVE_STEPS=1000, EVAL_STEPS=0)
-    run_dir, log_path = tmp_path / "test-run", tmp_path / "stdout.log"
-    process = start_launcher(env, log_path)
+    process, _, run_dir, log_path = start_two_ranks(vllm_server.port, tiny_model, tmp_path, MAX_STEPS=200,
+                                                    SAVE_STEPS=1000)
     try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), RUN_TIMEOUT, "the first step")
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), LAUNCHER_TIMEOUT, "the first step")
         process.send_signal(signal.SIGTERM)  # as `docker compose down`: to the container's command
         stdout = finish(process, log_path)
     finally:

@@ -1,5 +1,6 @@
 """The trainer against two real vLLM servers (CPU build) at once (VLLM_SERVER_URLS): every adapter version on both,
-the work spread over both, one server killed and restarted mid-run with nothing lost, the same result as one server."""
+the work spread over both, one server killed and restarted mid-run with nothing lost, the same result as one server,
+also with the trainer's two ranks on two "nodes" (separate launchers meeting by rendezvous, as on two hosts)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import API_KEY, run_trainer, start_server, start_trainer, trainer_env, wait_for, wait_healthy
+from conftest import (API_KEY, finish, free_port, kill_all, run_trainer, start_launcher, start_server, start_trainer,
+                      trainer_env, wait_for, wait_healthy)
 from fault_proxy import CUT, FaultProxy
 from trainer.server_pool import ServerPool
 from trainer.vllm_client import AdapterUnreadable, VLLMServerClient
@@ -164,14 +166,57 @@ def test_a_server_failing_mid_sampling_has_its_share_sampled_by_the_other(server
     assert steps_complete(tmp_path / "test-run") == list(range(1, STEPS + 1))
 
 
-def test_two_servers_sample_what_one_does(servers, tiny_model, tmp_path):
-    """Same seed and greedy sampling (TOP_P at its floor keeps only the likeliest token): one server and two must give
-    the same completions, so the same rewards, step by step, exactly. Greedy groups have no spread, so the loss is 0
-    and the update is not compared; with sampling, vLLM draws without a seed and two runs differ even on one server."""
-    common = {"MAX_STEPS": STEPS, "TOP_P": "0.01"}
-    one = run_trainer(trainer_env(tiny_model, tmp_path / "one", servers[0].port, **common), tmp_path / "one.log")
-    two = run_trainer(pool_env(tiny_model, tmp_path / "two", servers, **common), tmp_path / "two.log")
-    assert one.returncode == 0 and two.returncode == 0, (one.stdout[-2000:], two.stdout[-2000:])
-    for a, b in zip(metrics(tmp_path / "one/test-run"), metrics(tmp_path / "two/test-run"), strict=True):
+# Same seed and greedy sampling (TOP_P at its floor keeps only the likeliest token): one server and two must give the
+# same completions, so the same rewards, step by step, exactly. Greedy groups have no spread, so the loss is 0 and the
+# update is not compared; with sampling, vLLM draws without a seed and two runs differ even on one server.
+GREEDY = {"MAX_STEPS": STEPS, "TOP_P": "0.01"}
+
+
+@pytest.fixture(scope="module")
+def one_server_greedy(servers, tiny_model, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("one-server")
+    one = run_trainer(trainer_env(tiny_model, runs, servers[0].port, **GREEDY), runs / "trainer.log")
+    assert one.returncode == 0, one.stdout[-2000:]
+    return runs / "test-run"
+
+
+def assert_same_samples(run_dir: Path, reference: Path) -> None:
+    for a, b in zip(metrics(reference), metrics(run_dir), strict=True):
         for key in ("tokens/generated", "completions/mean_length", "reward", "reward_std"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+def test_two_servers_sample_what_one_does(servers, one_server_greedy, tiny_model, tmp_path):
+    two = run_trainer(pool_env(tiny_model, tmp_path, servers, **GREEDY), tmp_path / "trainer.log")
+    assert two.returncode == 0, two.stdout[-2000:]
+    assert_same_samples(tmp_path / "test-run", one_server_greedy)
+
+
+def test_two_trainer_nodes_on_two_servers_train_what_one_process_does(servers, one_server_greedy, tiny_model,
+                                                                        tmp_path):
+    """Two launchers, each a node of one rank (NNODES=2, its own NODE_RANK, MASTER_ADDR:MASTER_PORT), sharing the
+    runs directory as nodes share a network filesystem: rank 0 on node 0 drives both servers, node 1's rank trains
+    its share of every step, and the run is the one-process run on one server."""
+    rendezvous = {"NNODES": 2, "TRAINER_PROCESSES": 1, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    watch = AdapterWatch(servers)
+    nodes = [start_launcher(pool_env(tiny_model, tmp_path, servers, NODE_RANK=node, **rendezvous, **GREEDY),
+                            tmp_path / f"node{node}.log") for node in (0, 1)]
+    try:
+        logs = [finish(process, tmp_path / f"node{node}.log") for node, process in enumerate(nodes)]
+    finally:
+        for process in nodes:
+            if process.poll() is None:
+                kill_all(process)
+    seen = watch.stop()
+    for node, process in enumerate(nodes):
+        assert process.returncode == 0, logs[node][-4000:]
+    run_dir = tmp_path / "test-run"
+    for step in range(1, STEPS + 1):  # each node's rank ran half of every step's 8 micro-steps
+        assert f"rank 0: micro-step 4/4 of step {step}:" in logs[0]
+        assert f"rank 1: micro-step 4/4 of step {step}:" in logs[1]
+    assert steps_complete(run_dir) == list(range(1, STEPS + 1))  # 8 micro-steps each, 4 per node
+    assert_same_samples(run_dir, one_server_greedy)
+    versions = {f"policy-v{step}" for step in range(STEPS)}
+    for server, names in zip(servers, seen):
+        assert versions <= names, f"{server.url} never listed {sorted(versions - names)}"
+    assert (run_dir / "final_adapter/adapter_model.safetensors").exists()
