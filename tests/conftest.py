@@ -161,9 +161,9 @@ def run_trainer(env: dict, log_path: Path, timeout: float = 900) -> subprocess.C
 
 def start_launcher(env: dict, log_path: Path) -> subprocess.Popen:
     """The trainer container's command (trainer/launch.py: one process, or torchrun and its ranks)."""
-    log_file = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, str(REPO / "trainer/launch.py")], env=env, cwd=REPO, stdout=log_file,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log_file:  # the child keeps its own copy
+        return subprocess.Popen([sys.executable, str(REPO / "trainer/launch.py")], env=env, cwd=REPO,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, log_path: Path, timeout: float = LAUNCHER_TIMEOUT) -> str:

@@ -296,8 +296,8 @@ def test_every_loader_takes_auto_as_the_kernel_it_resolves_to(tmp_path):
     """Benchmarks and scripts that read the settings without the launcher still get a kernel transformers knows."""
     from trainer.model import load_model
     GptOssForCausalLM(config("eager")).save_pretrained(tmp_path)
-    model = load_model(str(tmp_path), "float32", "auto", 30, gradient_checkpointing=True)
-    assert model.config._attn_implementation == "eager"  # no GPU here
+    model = load_model(str(tmp_path), "bfloat16", "auto", 30, gradient_checkpointing=True)
+    assert model.config._attn_implementation == attention.resolved_attn_implementation("auto", "bfloat16")
 
 
 def test_the_entry_script_refuses_the_kernel_with_exit_2(gpt_oss_model, tmp_path):

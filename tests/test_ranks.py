@@ -50,11 +50,22 @@ def test_launcher_rejects_bad_process_settings_once(tiny_model, tmp_path):
     assert "multiple of 3" in result.stderr
 
 
-def test_one_process_per_gpu_means_one_process_without_gpu():
+@pytest.mark.parametrize("gpus, requested, expected", [(0, 0, 1), (0, 2, 2), (2, 0, 2), (8, 0, 8), (8, 4, 4)])
+def test_processes_per_node(monkeypatch, gpus, requested, expected):
+    """TRAINER_PROCESSES=0 (the default): one per visible GPU, one without GPU; a number is taken as given."""
     from trainer.launch import processes_per_node
-    assert not torch.cuda.is_available()
-    assert processes_per_node(0) == 1  # the default, TRAINER_PROCESSES=0: one per visible GPU, else one
-    assert processes_per_node(2) == 2  # a number is taken as given on the CPU (gloo ranks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert processes_per_node(requested) == expected
+
+
+def test_more_processes_than_gpus_names_the_setting(monkeypatch):
+    from trainer.config import SettingsError
+    from trainer.launch import processes_per_node
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SettingsError, match="TRAINER_PROCESSES=3 but 2 GPUs are visible"):
+        processes_per_node(3)
 
 
 # ---------------------------------------------------------------------------------------- one rank vs two

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import (API_KEY, finish, free_port, kill_all, run_trainer, start_launcher, start_server, start_trainer,
-                      trainer_env, wait_for, wait_healthy)
+from conftest import (API_KEY, LAUNCHER_TIMEOUT, free_port, kill_all, run_trainer, start_launcher, start_server,
+                      start_trainer, trainer_env, wait_for, wait_healthy)
 from fault_proxy import CUT, FaultProxy
 from trainer.server_pool import ServerPool
 from trainer.vllm_client import AdapterUnreadable, VLLMServerClient
@@ -192,24 +192,27 @@ def test_two_servers_sample_what_one_does(servers, one_server_greedy, tiny_model
     assert_same_samples(tmp_path / "test-run", one_server_greedy)
 
 
-def test_two_trainer_nodes_on_two_servers_train_what_one_process_does(servers, one_server_greedy, tiny_model,
-                                                                        tmp_path):
+def test_two_trainer_nodes_on_two_servers_sample_what_one_process_does(servers, one_server_greedy, tiny_model,
+                                                                         tmp_path):
     """Two launchers, each a node of one rank (NNODES=2, its own NODE_RANK, MASTER_ADDR:MASTER_PORT), sharing the
     runs directory as nodes share a network filesystem: rank 0 on node 0 drives both servers, node 1's rank trains
-    its share of every step, and the run is the one-process run on one server."""
+    its share of every step, and the run samples and rewards what the one-process run on one server does (greedy:
+    no spread, so no update to compare; tests/test_ranks.py compares two ranks' gradients with one process's)."""
     rendezvous = {"NNODES": 2, "TRAINER_PROCESSES": 1, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
     watch = AdapterWatch(servers)
     nodes = [start_launcher(pool_env(tiny_model, tmp_path, servers, NODE_RANK=node, **rendezvous, **GREEDY),
                             tmp_path / f"node{node}.log") for node in (0, 1)]
-    try:
-        logs = [finish(process, tmp_path / f"node{node}.log") for node, process in enumerate(nodes)]
+    try:  # a node that fails leaves the other waiting in a collective: stop both at the first failure
+        wait_for(lambda: all(p.poll() is not None for p in nodes) or any(p.poll() for p in nodes), LAUNCHER_TIMEOUT,
+                 "both nodes to finish")
     finally:
         for process in nodes:
             if process.poll() is None:
                 kill_all(process)
     seen = watch.stop()
+    logs = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
     for node, process in enumerate(nodes):
-        assert process.returncode == 0, logs[node][-4000:]
+        assert process.returncode == 0, f"node {node}:\n" + "\n".join(log[-3000:] for log in logs)
     run_dir = tmp_path / "test-run"
     for step in range(1, STEPS + 1):  # each node's rank ran half of every step's 8 micro-steps
         assert f"rank 0: micro-step 4/4 of step {step}:" in logs[0]

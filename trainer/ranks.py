@@ -114,7 +114,7 @@ def start_ranks(timeout_seconds: float) -> Ranks:
     timeout = timedelta(seconds=timeout_seconds)
     if not dist.is_initialized():  # accelerate joins this group rather than starting its own
         dist.init_process_group(backend, timeout=timeout)
-    host_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    host_group = dist.new_group(backend="gloo", timeout=timeout)  # also on the CPU: the same path as on GPUs
     return Ranks(rank, world_size, local_rank, host_group)
 
 
