@@ -109,6 +109,8 @@ def test_two_ranks_train_the_first_step_as_one_process(one_and_two_ranks):
         for (m1, v1), (m2, v2) in zip(moments_one, moments_two):
             assert relative_difference(m2, m1) < 2e-5, checkpoint
             assert relative_difference(v2, v1) < 2e-5, checkpoint
+    # ATTN_IMPLEMENTATION=auto, resolved by the launcher: the resolved settings name the kernel the ranks use
+    assert "\nATTN_IMPLEMENTATION=eager\n" in stdout and "ATTN_IMPLEMENTATION=auto" not in stdout
     # each rank logs its own micro-steps: 4 of the step's 8
     for rank in (0, 1):
         for micro in range(1, 5):
