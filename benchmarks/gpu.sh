@@ -15,8 +15,8 @@
 #                     started with (what compose's restart policy does)
 #   gpu.sh train compare [NAME=VALUE ...]
 #                     the same workload trained twice on the same server, synchronous (MAX_OFF_POLICY_STEPS=0) then
-#                     overlapped (1), with a generation round of 4 steps (GENERATION_BATCH_SIZE=64) unless the overrides
-#                     say otherwise; vLLM is first restarted with VLLM_MAX_NUM_SEQS for the round. Results in
+#                     overlapped (1), at .env.example's batch unless the overrides say otherwise; vLLM is first
+#                     restarted when they name a VLLM_* or LORA_* setting. Results in
 #                     $OUT/sync and $OUT/overlap, side by side in $OUT/overlap-comparison.md (benchmarks/compare_overlap.py):
 #                     generation tokens/s through the adapter, step time against max(generation, training), staleness,
 #                     peak memory of all processes per GPU. Each half alone (for a 10-minute limit per command):
@@ -30,6 +30,10 @@
 #                     --specialize-active-lora; VLLM_LORA_ENABLE_DUAL_STREAM=1. Needs a checkpoint of a `train` run.
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
+#   gpu.sh two-servers [NAME=VALUE ...]
+#                     kill the server and start one per GPU instead (tensor parallel 1, each taking what it would of
+#                     an 80 GB card), on PORT and PORT + 1, with overrides of .env.example; then train against both
+#                     with VLLM_SERVER_URLS=http://127.0.0.1:$PORT,http://127.0.0.1:$((PORT + 1))
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
 #                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
 #                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
@@ -40,15 +44,13 @@
 #                     kill the variant server LABEL (its whole process group)
 #   gpu.sh server-counters PORT ...
 #                     each server's finished requests (vLLM's vllm:request_success_total), to $OUT/server-counters.txt:
-#                     how a `train VLLM_SERVER_URLS=...` run spread its work over the servers. One server against two
-#                     at the same work, one GPU each:
-#                       gpu.sh restart-vllm VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=0
-#                       OUT=$OUT/one gpu.sh train RUNS_DIR=/tmp/runs-one GRADIENT_ACCUMULATION_STEPS=64 MAX_STEPS=3
-#                       gpu.sh serve-variant second 8001 28 VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=1
-#                       OUT=$OUT/two gpu.sh server-counters 8000 8001    # before: the counts since each start
-#                       OUT=$OUT/two gpu.sh train RUNS_DIR=/tmp/runs-two GRADIENT_ACCUMULATION_STEPS=64 MAX_STEPS=3 \
+#                     how a `train VLLM_SERVER_URLS=...` run spread its work over the servers. The stack's one
+#                     server (tensor parallel 2) against one per GPU, at the same work:
+#                       OUT=$OUT/one gpu.sh train RUNS_DIR=/tmp/runs-one MAX_STEPS=2 MAX_OFF_POLICY_STEPS=0
+#                       gpu.sh two-servers
+#                       OUT=$OUT/two gpu.sh train RUNS_DIR=/tmp/runs-two MAX_STEPS=2 MAX_OFF_POLICY_STEPS=0 \
 #                         VLLM_SERVER_URLS=http://127.0.0.1:8000,http://127.0.0.1:8001
-#                       OUT=$OUT/two gpu.sh server-counters 8000 8001    # after
+#                       OUT=$OUT/two gpu.sh server-counters 8000 8001
 #   gpu.sh attention [ARGS]
 #                     which attention kernels train gpt-oss correctly: logits and input and LoRA gradients against
 #                     float64, and speed, on the checkpoint's layer shapes (benchmarks/attention_check.py; ARGS such
@@ -127,6 +129,13 @@ case "${1:-}" in
   restart-vllm)
     kill_vllm; SECONDS=0
     start_vllm "${@:2}"; wait_health 420 ;;
+  two-servers)  # both start at once; the second compiles into its own cache, not racing the first for one
+    kill_vllm; SECONDS=0
+    start_vllm VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=0 "${@:2}"
+    bash "$0" serve-variant second $((PORT + 1)) 28 VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=1 \
+      VLLM_CACHE_ROOT=/tmp/vllm-cache-second "${@:2}"
+    wait_health 420
+    nvidia-smi --query-compute-apps=gpu_bus_id,pid,used_memory --format=csv > "$OUT/memory-two-servers.csv" ;;
   setup)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
@@ -136,10 +145,10 @@ case "${1:-}" in
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
   train)
     if [[ "${2:-}" == compare ]]; then
-      overrides=(GENERATION_BATCH_SIZE=64 VLLM_MAX_NUM_SEQS=64 MAX_STEPS=8 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
+      overrides=(MAX_STEPS=4 SAVE_STEPS=100 EVAL_STEPS=0 "${@:3}")
       server=()
       for o in "${overrides[@]}"; do if [[ $o == VLLM_* || $o == LORA_* ]]; then server+=("$o"); fi; done
-      bash "$0" restart-vllm "${server[@]}"
+      if ((${#server[@]})); then bash "$0" restart-vllm "${server[@]}"; fi
       for mode in sync:0 overlap:1; do
         OUT=$OUT/${mode%:*} bash "$0" train-one "${overrides[@]}" MAX_OFF_POLICY_STEPS=${mode#*:} \
           RUNS_DIR=/tmp/runs-${mode%:*}-$(date +%s)

@@ -13,7 +13,7 @@ def test_defaults_match_the_product():
     assert (s.vllm_server_host, s.vllm_server_port, s.model_name) == ("localhost", 8000, "openai/gpt-oss-20b")
     assert s.run_dir.as_posix() == "runs/grpo_gptoss20b_lora4_tes"
     assert (s.lora_rank, s.micro_batch_size) == (4, 1)
-    assert s.sequences_per_step == 16 and s.prompts_per_step == 2
+    assert s.sequences_per_step == 128 and s.prompts_per_step == 16
     assert (s.trainer_processes, s.attn_implementation) == (0, "auto")  # one rank per GPU, FA4 where it runs
 
 
@@ -44,11 +44,11 @@ def test_environment_overrides_are_typed():
     ({"REPORT_TO": "none,wandb"}, "'none' cannot be combined"),
     ({"REPORT_TO": "mlflow"}, "unknown value 'mlflow'"),
     ({"GRADIENT_CHECKPOINTING": "maybe"}, "GRADIENT_CHECKPOINTING='maybe': expected true or false"),
-    ({"GENERATION_BATCH_SIZE": "24"}, "GENERATION_BATCH_SIZE=24 must be a multiple of MICRO_BATCH_SIZE x "
-                                      "GRADIENT_ACCUMULATION_STEPS = 16"),
-    ({"GENERATION_BATCH_SIZE": "128"}, "asks for 128 sequences (GENERATION_BATCH_SIZE, or MICRO_BATCH_SIZE x "
-                                       "GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS=64"),
-    ({"GRADIENT_ACCUMULATION_STEPS": "80"}, "asks for 80 sequences"),
+    ({"GENERATION_BATCH_SIZE": "64"}, "GENERATION_BATCH_SIZE=64 must be a multiple of MICRO_BATCH_SIZE x "
+                                      "GRADIENT_ACCUMULATION_STEPS = 128"),
+    ({"GENERATION_BATCH_SIZE": "256"}, "asks for 256 sequences (GENERATION_BATCH_SIZE, or MICRO_BATCH_SIZE x "
+                                       "GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS=128"),
+    ({"GRADIENT_ACCUMULATION_STEPS": "160"}, "asks for 160 sequences"),
     ({"MAX_OFF_POLICY_STEPS": "2"}, "MAX_OFF_POLICY_STEPS=2 keeps up to 3 adapter versions in flight but "
                                     "VLLM_MAX_LORAS=2: raise VLLM_MAX_LORAS to 3"),
     ({"VLLM_SERVER_URLS": "vllm:8000"}, "'vllm:8000' is not a server's base URL: write each as http://host:port"),

@@ -272,7 +272,7 @@ def test_images_run_non_root_on_the_cuda_12_2_base(image):
 DEFAULT_COMMAND = [
     "-m", "vllm.entrypoints.openai.api_server", "--model", "openai/gpt-oss-20b", "--host", "0.0.0.0",
     "--port", "8000", "--tensor-parallel-size", "2", "--dtype", "auto", "--max-model-len", "4096",
-    "--max-num-seqs", "64", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
+    "--max-num-seqs", "128", "--gpu-memory-utilization", "0.35", "--kv-cache-dtype", "auto",
     "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
     "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "--logprobs-mode", "processed_logprobs",
     "--compilation-config", '{"pass_config":{"fuse_allreduce_rms":false}}']

@@ -108,7 +108,7 @@ class Settings:
     vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", between(1, MAX_SECONDS))
     vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused or broken off, timeouts, 500/502/503/504, before a clear error.", at_least(1))
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", between(0.1, MAX_SECONDS))
-    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 64, "The server's --max-num-seqs (sequences it decodes at once), read by the trainer too: one generation round (GENERATION_BATCH_SIZE) must fit in it.", at_least(1))
+    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 128, "The server's --max-num-seqs (sequences it decodes at once), read by the trainer too: one generation round (GENERATION_BATCH_SIZE) must fit in it.", at_least(1))
     vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "The server's --max-loras (adapters in one batch), read by the trainer too: overlapped sampling has up to MAX_OFF_POLICY_STEPS + 1 adapter versions in flight.", at_least(1))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
@@ -136,7 +136,7 @@ class Settings:
     # --- GRPO ---
     num_generations: int = setting("NUM_GENERATIONS", 8, "Completions sampled per prompt (the GRPO group).", at_least(2))
     micro_batch_size: int = setting("MICRO_BATCH_SIZE", 1, "Sequences per forward/backward micro-step; 1 is sequential backprop.", at_least(1))
-    gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 16, "Micro-steps per optimizer step, shared evenly by the trainer processes; sequences per step = micro batch x this, whatever the number of processes.", at_least(1))
+    gradient_accumulation_steps: int = setting("GRADIENT_ACCUMULATION_STEPS", 128, "Micro-steps per optimizer step, shared evenly by the trainer processes; sequences per step = micro batch x this, whatever the number of processes. The default's 128 sequences (16 prompts x 8) are one round the server decodes at once, many enough to keep its GPUs busy (BENCHMARKS.md).", at_least(1))
     generation_batch_size: int = setting("GENERATION_BATCH_SIZE", 0, "Sequences sampled in one generation round, one request to the server (TRL's generation_batch_size): a multiple of the sequences per step, which several optimizer steps then train on in turn; 0 means one step's sequences.", at_least(0))
     max_off_policy_steps: int = setting("MAX_OFF_POLICY_STEPS", 1, "Optimizer steps the adapter that sampled a round may lag the policy when the round starts training; above 0 the next round is sampled while the trainer trains (docs/overlap.md). 0 samples each round with the newest adapter, waiting for it.", between(0, 64))
     max_prompt_length: int = setting("MAX_PROMPT_LENGTH", 512, "Most prompt tokens (chat template applied); longer prompts are skipped, not cut, and counted in the log.", at_least(1))
