@@ -2,8 +2,10 @@
 # The GPU benchmarks of BENCHMARKS.md on one 2-GPU host with the vLLM image's and the trainer image's packages
 # installed (VLLM_PYTHON, TRAINER_PYTHON: their interpreters, default python3). Each command is one question:
 #
-#   gpu.sh setup      build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download), start vLLM with
-#                     exactly the compose entrypoint's flags, wait for health
+#   gpu.sh setup [NAME=VALUE ...]
+#                     build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download), start vLLM with
+#                     exactly the compose entrypoint's flags (overrides of .env.example after them, e.g.
+#                     VLLM_TENSOR_PARALLEL_SIZE=1 on one GPU), wait for health
 #   gpu.sh train [NAME=VALUE ...]
 #                     run the trainer container's command (trainer/launch.py: same settings path, .env.example
 #                     values, overrides after them) against it, sampling per-process GPU memory; results to $OUT.
@@ -139,7 +141,7 @@ case "${1:-}" in
   setup)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
-    start_vllm
+    start_vllm "${@:2}"
     wait_health 420
     cp /tmp/vllm.log "$OUT/vllm-setup.log"
     nvidia-smi --query-compute-apps=pid,used_memory --format=csv > "$OUT/memory-after-vllm-start.csv" ;;
