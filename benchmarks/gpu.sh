@@ -218,6 +218,7 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
       export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$port" "${@:5}"
       export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round($gib * 1024 / $(gpu_total_mib), 3))")
       mapfile -t command < <("$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" --print-command)
+      command[0]=$VLLM_PYTHON  # the interpreter named here, with whatever environment it sets up
       if [[ -n "${LORA_TARGET_MODULES_OFF:-}" ]]; then  # vLLM's own default: LoRA kernels on every linear layer
         mapfile -t command < <(printf '%s\n' "${command[@]}" | awk '$0 == "--lora-target-modules" {skip=1; next}
           skip && /^--/ {skip=0} !skip')
