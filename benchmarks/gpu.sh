@@ -30,6 +30,10 @@
 #                     concurrency (default 16 64 256): $OUT/lora-cost.jsonl. Variants: the stack's flags; LoRA on every
 #                     linear layer (no --lora-target-modules, as before); --fully-sharded-loras; --max-loras 1;
 #                     --specialize-active-lora; VLLM_LORA_ENABLE_DUAL_STREAM=1. Needs a checkpoint of a `train` run.
+#   gpu.sh mps-on | mps-off
+#                     start (stop) NVIDIA MPS's control daemon: processes started after it share each GPU's compute
+#                     at once instead of taking turns; `restart-vllm` next, then `train compare`, to see whether
+#                     sampling ahead pays with it
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh two-servers [NAME=VALUE ...]
@@ -131,6 +135,10 @@ case "${1:-}" in
   restart-vllm)
     kill_vllm; SECONDS=0
     start_vllm "${@:2}"; wait_health 420 ;;
+  mps-on)
+    nvidia-cuda-mps-control -d && echo "MPS control daemon started" ;;
+  mps-off)
+    echo quit | nvidia-cuda-mps-control && echo "MPS control daemon stopped" ;;
   two-servers)  # both start at once; the second compiles into its own cache, not racing the first for one
     kill_vllm; SECONDS=0
     start_vllm VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=0 "${@:2}"
