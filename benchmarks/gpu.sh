@@ -17,8 +17,10 @@
 #                     started with (what compose's restart policy does)
 #   gpu.sh train compare [NAME=VALUE ...]
 #                     the same workload trained twice on the same server, synchronous (MAX_OFF_POLICY_STEPS=0) then
-#                     overlapped (1), at .env.example's batch unless the overrides say otherwise; vLLM is first
-#                     restarted when they name a VLLM_* or LORA_* setting. Results in
+#                     overlapped (1), at .env.example's batch unless the overrides say otherwise, against the server
+#                     as it runs (restarted first only when they name a VLLM_* or LORA_* setting; the trainer reads
+#                     .env.example's VLLM_MAX_NUM_SEQS and LORA_TARGET_MODULES). Four steps of 128 sequences take
+#                     longer than the default TRAIN_TIMEOUT: raise it, or add GRADIENT_ACCUMULATION_STEPS=32. Results in
 #                     $OUT/sync and $OUT/overlap, side by side in $OUT/overlap-comparison.md (benchmarks/compare_overlap.py):
 #                     generation tokens/s through the adapter, step time against max(generation, training), staleness,
 #                     peak memory of all processes per GPU. Each half alone (for a 10-minute limit per command):
@@ -39,10 +41,12 @@
 #   gpu.sh two-servers [NAME=VALUE ...]
 #                     kill the server and start one per GPU instead (tensor parallel 1, each taking what it would of
 #                     an 80 GB card), on PORT and PORT + 1, with overrides of .env.example; then train against both
-#                     with VLLM_SERVER_URLS=http://127.0.0.1:$PORT,http://127.0.0.1:$((PORT + 1))
+#                     with VLLM_SERVER_URLS=http://127.0.0.1:$PORT,http://127.0.0.1:$((PORT + 1)). The second is the
+#                     variant "second": `stop-variant second` stops it
 #   gpu.sh serve-variant LABEL PORT GIB [NAME=VALUE ...]
 #                     a second server of the checkpoint beside the first, on PORT, taking GIB of each GPU, with
-#                     overrides of .env.example (LORA=off drops the LoRA flags); for `agreement`
+#                     overrides of .env.example (LORA=off drops the LoRA flags, LORA_TARGET_MODULES_OFF=1 only
+#                     --lora-target-modules: LoRA kernels on every linear layer); for `agreement` and `lora-cost`
 #   gpu.sh grad-agreement [ARGS]
 #                     the LoRA gradients of one batch with the layers split and with two FSDP2 ranks, compared
 #                     (benchmarks/grad_agreement.py; ARGS go to both, e.g. --tokens 3584)
@@ -140,7 +144,7 @@ case "${1:-}" in
   mps-off)
     echo quit | nvidia-cuda-mps-control && echo "MPS control daemon stopped" ;;
   two-servers)  # both start at once; the second compiles into its own cache, not racing the first for one
-    kill_vllm; SECONDS=0
+    kill_vllm; [[ -f /tmp/vllm-second.pid ]] && bash "$0" stop-variant second; SECONDS=0
     start_vllm VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=0 "${@:2}"
     bash "$0" serve-variant second $((PORT + 1)) 28 VLLM_TENSOR_PARALLEL_SIZE=1 CUDA_VISIBLE_DEVICES=1 \
       VLLM_CACHE_ROOT=/tmp/vllm-cache-second "${@:2}"

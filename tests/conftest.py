@@ -132,8 +132,8 @@ def trainer_env(model: Path, runs_dir: Path, port: int, **overrides) -> dict:
         "MAX_PROMPT_LENGTH": "96", "MAX_COMPLETION_LENGTH": "24", "MAX_STEPS": "3", "SAVE_STEPS": "1",
         "LEARNING_RATE": "0.02", "WARMUP_STEPS": "0", "LR_SCHEDULER": "constant", "REPORT_TO": "tensorboard",
         "VLLM_WAIT_TIMEOUT": "120", "VLLM_MAX_RETRIES": "4", "VLLM_RETRY_MAX_WAIT": "2",
-        # Each round sampled with the newest adapter: the on-policy checks hold exactly (test_overlap.py runs the
-        # overlapped default).
+        # Each round sampled with the newest adapter: the on-policy checks hold exactly (test_overlap.py runs
+        # MAX_OFF_POLICY_STEPS=1).
         "MAX_OFF_POLICY_STEPS": "0",
         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
