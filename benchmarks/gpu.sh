@@ -36,6 +36,8 @@
 #                     start (stop) NVIDIA MPS's control daemon: processes started after it share each GPU's compute
 #                     at once instead of taking turns; `restart-vllm` next, then `train compare`, to see whether
 #                     sampling ahead pays with it
+#   gpu.sh shared-gpu  whether two processes compute on one GPU at once, without and then with MPS: a decode-like
+#                     and a training-like loop, alone and together (benchmarks/shared_gpu.py): $OUT/shared-gpu.jsonl
 #   gpu.sh restart-vllm [NAME=VALUE ...]
 #                     kill vLLM and start it again with .env.example's settings plus the overrides
 #   gpu.sh two-servers [NAME=VALUE ...]
@@ -139,6 +141,11 @@ case "${1:-}" in
   restart-vllm)
     kill_vllm; SECONDS=0
     start_vllm "${@:2}"; wait_health 420 ;;
+  shared-gpu)
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/shared_gpu.py" --label no-mps | tee "$OUT/shared-gpu.jsonl"
+    bash "$0" mps-on
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/shared_gpu.py" --label mps | tee -a "$OUT/shared-gpu.jsonl"
+    bash "$0" mps-off ;;
   mps-on)
     nvidia-cuda-mps-control -d && echo "MPS control daemon started" ;;
   mps-off)
