@@ -17,6 +17,12 @@ def test_defaults_match_the_product():
     assert (s.trainer_processes, s.attn_implementation) == (0, "auto")  # one rank per GPU, FA4 where it runs
 
 
+def test_each_server_is_held_to_its_share_of_a_round():
+    urls = "http://a:8000,http://b:8000,http://c:8000,http://d:8000"
+    s = Settings.from_env({"GRADIENT_ACCUMULATION_STEPS": "512", "VLLM_SERVER_URLS": urls})  # 128 each: accepted
+    assert (s.sequences_per_round, s.sequences_per_server) == (512, 128)
+
+
 def test_environment_overrides_are_typed():
     s = Settings.from_env({"VLLM_SERVER_PORT": "9000", "ATTN_IMPLEMENTATION": "kernels-community/vllm-flash-attn3",
                            "LORA_TARGET_MODULES": "q_proj, v_proj", "REWARD_WEIGHTS": "1,0.5",
@@ -49,6 +55,8 @@ def test_environment_overrides_are_typed():
     ({"GENERATION_BATCH_SIZE": "256"}, "asks for 256 sequences (GENERATION_BATCH_SIZE, or MICRO_BATCH_SIZE x "
                                        "GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS=128"),
     ({"GRADIENT_ACCUMULATION_STEPS": "160"}, "asks for 160 sequences"),
+    ({"GRADIENT_ACCUMULATION_STEPS": "520", "VLLM_SERVER_URLS": "http://a:8000,http://b:8000,http://c:8000,http://d:8000"},
+     "asks for 136 sequences per server (520 over the 4 VLLM_SERVER_URLS)"),
     ({"MAX_OFF_POLICY_STEPS": "2"}, "MAX_OFF_POLICY_STEPS=2 keeps up to 3 adapter versions in flight but "
                                     "VLLM_MAX_LORAS=2: raise VLLM_MAX_LORAS to 3"),
     ({"VLLM_SERVER_URLS": "vllm:8000"}, "'vllm:8000' is not a server's base URL: write each as http://host:port"),

@@ -108,7 +108,7 @@ class Settings:
     vllm_request_timeout: float = setting("VLLM_REQUEST_TIMEOUT", 900.0, "Seconds one generation request may take before it counts as failed and is retried.", between(1, MAX_SECONDS))
     vllm_max_retries: int = setting("VLLM_MAX_RETRIES", 6, "Attempts per request on connection refused or broken off, timeouts, 500/502/503/504, before a clear error.", at_least(1))
     vllm_retry_max_wait: float = setting("VLLM_RETRY_MAX_WAIT", 30.0, "Cap in seconds of the exponential backoff between attempts.", between(0.1, MAX_SECONDS))
-    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 128, "The server's --max-num-seqs (sequences it decodes at once), read by the trainer too: one generation round (GENERATION_BATCH_SIZE) must fit in it.", at_least(1))
+    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 128, "The server's --max-num-seqs (sequences it decodes at once), read by the trainer too: each server's share of one generation round (GENERATION_BATCH_SIZE) must fit in it.", at_least(1))
     vllm_max_loras: int = setting("VLLM_MAX_LORAS", 2, "The server's --max-loras (adapters in one batch), read by the trainer too: overlapped sampling has up to MAX_OFF_POLICY_STEPS + 1 adapter versions in flight.", at_least(1))
     # --- model ---
     model_name: str = setting("MODEL_NAME", "openai/gpt-oss-20b", "Hub name or local path of the base model; the server must serve the same one.")
@@ -195,6 +195,12 @@ class Settings:
         return self.generation_batch_size or self.sequences_per_step
 
     @property
+    def sequences_per_server(self) -> int:
+        """Most sequences of one round a server is given: whole prompt groups, spread evenly over the servers."""
+        prompts = -(-self.sequences_per_round // self.num_generations)
+        return -(-prompts // len(self.server_urls)) * self.num_generations
+
+    @property
     def steps_per_round(self) -> int:
         """Optimizer steps that train on one generation round."""
         return max(self.sequences_per_round // self.sequences_per_step, 1)
@@ -261,12 +267,15 @@ class Settings:
                 f"GENERATION_BATCH_SIZE={self.generation_batch_size} must be a multiple of MICRO_BATCH_SIZE x "
                 f"GRADIENT_ACCUMULATION_STEPS = {self.sequences_per_step} sequences per step (each step trains on a "
                 f"whole share of the round), or 0 for one step's sequences")
-        if applies(*batch, "VLLM_MAX_NUM_SEQS") and self.sequences_per_round > self.vllm_max_num_seqs:
+        if applies(*batch, "NUM_GENERATIONS", "VLLM_SERVER_URLS", "VLLM_MAX_NUM_SEQS") \
+                and (per_server := self.sequences_per_server) > self.vllm_max_num_seqs:
+            servers = len(self.server_urls)
+            spread = f" per server ({self.sequences_per_round} over the {servers} VLLM_SERVER_URLS)" if servers > 1 else ""
             problems.append(
-                f"a generation round asks for {self.sequences_per_round} sequences (GENERATION_BATCH_SIZE, or "
+                f"a generation round asks for {per_server} sequences{spread} (GENERATION_BATCH_SIZE, or "
                 f"MICRO_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS={self.vllm_max_num_seqs}: "
                 f"the server would decode the round in parts; raise VLLM_MAX_NUM_SEQS to at least "
-                f"{self.sequences_per_round} or lower GENERATION_BATCH_SIZE")
+                f"{per_server} or lower GENERATION_BATCH_SIZE")
         if applies("MAX_OFF_POLICY_STEPS", "VLLM_MAX_LORAS") and self.max_off_policy_steps \
                 and self.vllm_max_loras < self.max_off_policy_steps + 1:
             problems.append(

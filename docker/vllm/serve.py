@@ -99,7 +99,7 @@ class ServerSettings:
     vllm_tensor_parallel_size: int = setting("VLLM_TENSOR_PARALLEL_SIZE", 2, "--tensor-parallel-size: GPUs the model is split over; at most the GPUs the container sees.", at_least(1))
     vllm_dtype: str = setting("VLLM_DTYPE", "auto", "--dtype: auto keeps the checkpoint's dtype (bf16 for gpt-oss, with MXFP4 experts).", Choice(DTYPES))
     vllm_max_model_len: int = setting("VLLM_MAX_MODEL_LEN", 4096, "--max-model-len: must cover MAX_PROMPT_LENGTH + MAX_COMPLETION_LENGTH (the trainer checks at start).", at_least(16))
-    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 128, "--max-num-seqs: most sequences sampled at once; the trainer checks at start that one generation round (GENERATION_BATCH_SIZE) fits.", at_least(1))
+    vllm_max_num_seqs: int = setting("VLLM_MAX_NUM_SEQS", 128, "--max-num-seqs: most sequences sampled at once; the trainer checks at start that this server's share of one generation round (GENERATION_BATCH_SIZE) fits.", at_least(1))
     vllm_gpu_memory_utilization: float = setting("VLLM_GPU_MEMORY_UTILIZATION", 0.35, "--gpu-memory-utilization: fraction of each whole GPU vLLM takes (weights + KV cache); the trainer lives in the rest.", fraction)
     vllm_kv_cache_dtype: str = setting("VLLM_KV_CACHE_DTYPE", "auto", "--kv-cache-dtype: auto (the model's dtype) or an fp8 format; 'bf16' is not a vLLM value.", Choice(KV_CACHE_DTYPES, note=" ('bf16' is not a vLLM value: 'auto' keeps the model's dtype)"))
     # --- kernels ---
