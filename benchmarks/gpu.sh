@@ -19,8 +19,8 @@
 #                     the same workload trained twice on the same server, synchronous (MAX_OFF_POLICY_STEPS=0) then
 #                     overlapped (1), at .env.example's batch unless the overrides say otherwise, against the server
 #                     as it runs (restarted first only when they name a VLLM_* or LORA_* setting; the trainer reads
-#                     .env.example's VLLM_MAX_NUM_SEQS and LORA_TARGET_MODULES). Four steps of 128 sequences take
-#                     longer than the default TRAIN_TIMEOUT: raise it, or add GRADIENT_ACCUMULATION_STEPS=32. Results in
+#                     .env.example's VLLM_MAX_NUM_SEQS and LORA_TARGET_MODULES). Four steps of 128 sequences may
+#                     outlast the default TRAIN_TIMEOUT: raise it, or add GRADIENT_ACCUMULATION_STEPS=32. Results in
 #                     $OUT/sync and $OUT/overlap, side by side in $OUT/overlap-comparison.md (benchmarks/compare_overlap.py):
 #                     generation tokens/s through the adapter, step time against max(generation, training), staleness,
 #                     peak memory of all processes per GPU. Each half alone (for a 10-minute limit per command):

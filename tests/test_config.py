@@ -17,9 +17,11 @@ def test_defaults_match_the_product():
     assert (s.trainer_processes, s.attn_implementation) == (0, "auto")  # one rank per GPU, FA4 where it runs
 
 
+FOUR_SERVERS = "http://a:8000,http://b:8000,http://c:8000,http://d:8000"
+
+
 def test_each_server_is_held_to_its_share_of_a_round():
-    urls = "http://a:8000,http://b:8000,http://c:8000,http://d:8000"
-    s = Settings.from_env({"GRADIENT_ACCUMULATION_STEPS": "512", "VLLM_SERVER_URLS": urls})  # 128 each: accepted
+    s = Settings.from_env({"GRADIENT_ACCUMULATION_STEPS": "512", "VLLM_SERVER_URLS": FOUR_SERVERS})  # 128 each: accepted
     assert (s.sequences_per_round, s.sequences_per_server) == (512, 128)
 
 
@@ -55,7 +57,7 @@ def test_environment_overrides_are_typed():
     ({"GENERATION_BATCH_SIZE": "256"}, "asks for 256 sequences (GENERATION_BATCH_SIZE, or MICRO_BATCH_SIZE x "
                                        "GRADIENT_ACCUMULATION_STEPS) but VLLM_MAX_NUM_SEQS=128"),
     ({"GRADIENT_ACCUMULATION_STEPS": "160"}, "asks for 160 sequences"),
-    ({"GRADIENT_ACCUMULATION_STEPS": "520", "VLLM_SERVER_URLS": "http://a:8000,http://b:8000,http://c:8000,http://d:8000"},
+    ({"GRADIENT_ACCUMULATION_STEPS": "520", "VLLM_SERVER_URLS": FOUR_SERVERS},
      "asks for 136 sequences per server (520 over the 4 VLLM_SERVER_URLS)"),
     ({"MAX_OFF_POLICY_STEPS": "2"}, "MAX_OFF_POLICY_STEPS=2 keeps up to 3 adapter versions in flight but "
                                     "VLLM_MAX_LORAS=2: raise VLLM_MAX_LORAS to 3"),
