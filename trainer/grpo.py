@@ -25,12 +25,14 @@ from .generation import ServerGeneration
 from .memory import MicroStepMemory
 from .metrics import StepMetrics
 from .model import output_head_device_guard
+from .old_logprobs import OldLogprobsFromTrainingForward
 from .ranks import Ranks, shard_frozen_base
 from .vllm_client import VLLMServerClient
 
 
-class MeasuredGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer, reporting each micro-step's peak GPU memory, with the layers free to span GPUs."""
+class MeasuredGRPOTrainer(OldLogprobsFromTrainingForward, GRPOTrainer):
+    """TRL's GRPOTrainer, reporting each micro-step's peak GPU memory, with the layers free to span GPUs; on-policy
+    rounds take their old logprobs from the training forward (old_logprobs.py)."""
 
     def __init__(self, *, ranks: Ranks, **kwargs):
         args = kwargs["args"]
@@ -135,6 +137,7 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
     def __init__(self, *, client: VLLMServerClient, adapters_dir: Path, wait_timeout: float,
                  stop_requested: Callable[[], bool], max_off_policy_steps: int = 0, **kwargs):
         args = kwargs["args"]
+        self.max_off_policy_steps = max_off_policy_steps  # rounds sampled ahead keep TRL's old-logprob pass
         self._lookahead: BatchLookahead | None = None
         self._generation_batch = None
 
