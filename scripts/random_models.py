@@ -55,3 +55,35 @@ def save_tiny_dense(path: Path, vocab_size: int = 256, seed: int = 0, init_std: 
     save_word_tokenizer(path, vocab_size)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
     return path
+
+
+# The stop tokens of harmony's assistant turn: the final answer's end and a tool call's.
+HARMONY_STOPS = (200002, 200012)
+
+
+def save_tiny_harmony(path: Path, tokenizer_dir: Path, seed: int = 0, stop_logit: float = 9.0) -> Path:
+    """A 2-layer Llama over GPT-OSS's real vocabulary, tokenizer, chat template and generation config
+    (scripts/gpt_oss_tokenizer.py), so that vLLM samples real token IDs and stops at harmony's stop tokens.
+
+    A random model over 201,088 tokens would almost never sample a stop token: every embedding carries a constant
+    first component that the residual stream keeps, and only the stop tokens' output rows read it, which gives
+    them logits near `stop_logit` and ends a completion within a few dozen tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scripts.gpt_oss_tokenizer import copy_into
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=201088, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+                         initializer_range=0.02, tie_word_embeddings=False, bos_token_id=199998,
+                         eos_token_id=200002, pad_token_id=199999, dtype="float32")
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        # after the final RMSNorm the constant component is about sqrt(hidden_size)
+        model.lm_head.weight[list(HARMONY_STOPS), 0] = stop_logit / config.hidden_size ** 0.5
+    model.save_pretrained(path)
+    copy_into(path, tokenizer_dir)
+    return path

@@ -34,6 +34,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def gpt_oss_tokenizer_dir() -> Path:
+    """GPT-OSS's real tokenizer, chat template and generation config, rebuilt once under .venv/models."""
+    from scripts.gpt_oss_tokenizer import build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_dense(tmp_path_factory.mktemp("models") / "tiny-dense")
 

@@ -13,6 +13,7 @@ import time
 
 from transformers import TrainerCallback
 
+from . import harmony
 from .data import prompt_token_ids
 from .generation import ServerGeneration
 from .metrics import StepMetrics
@@ -34,6 +35,7 @@ class Evaluator(TrainerCallback):
         self.metrics = metrics  # written with the step's record by the run logger
         self.prompt_ids = [prompt_token_ids(tokenizer, row["prompt"], chat_template_kwargs) for row in dataset]
         self.failure: ServerUnavailable | None = None
+        self.harmony = harmony.HarmonyTokens.of(tokenizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not (self.every and state.global_step % self.every == 0):
@@ -58,10 +60,17 @@ class Evaluator(TrainerCallback):
     def evaluate(self, step: int) -> dict:
         start = time.perf_counter()
         completions = self.generation.sample("evaluation", self.prompt_ids, n=1)
-        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-        messages = [[{"role": "assistant", "content": text}] for text in texts]
         columns = {k: self.dataset[k] for k in self.dataset.column_names if k != "prompt"}
-        metrics, total = {}, [0.0] * len(texts)
+        metrics = {}
+        if self.harmony is None:
+            texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+            messages = [[{"role": "assistant", "content": text}] for text in texts]
+        else:  # scored as in training: the final channel
+            parsed = harmony.parse_completions([c.token_ids for c in completions], self.tokenizer, self.harmony)
+            messages = [[p.as_message()] for p in parsed]
+            metrics.update({f"eval/{name}": value for name, value in
+                            harmony.completion_metrics(parsed, columns.get("solution")).items()})
+        total = [0.0] * len(messages)
         for func, weight in zip(self.reward_funcs, self.reward_weights):
             scores = func(completions=messages, prompts=self.dataset["prompt"], **columns)
             scores = [0.0 if s is None else s for s in scores]
@@ -74,6 +83,6 @@ class Evaluator(TrainerCallback):
         metrics["eval/completions/mean_length"] = sum(len(c.token_ids) for c in completions) / len(completions)
         metrics["eval/seconds"] = time.perf_counter() - start
         log.info("eval at step %d on %d held-out prompts | reward %s ± %s | clipped %.2f | len %.0f", step,
-                 len(texts), format_reward(mean), format_reward(metrics["eval/reward_std"]),
+                 len(messages), format_reward(mean), format_reward(metrics["eval/reward_std"]),
                  metrics["eval/completions/clipped_ratio"], metrics["eval/completions/mean_length"])
         return metrics

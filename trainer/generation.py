@@ -114,6 +114,9 @@ class ServerGeneration:
         # Set by the trainer: this rank's prompt token IDs of the round after the one being sampled (None: not known).
         self.next_round_prompts: Callable[[], list[list[int]] | None] = lambda: None
         self.prefetch = RoundPrefetch(self._sample_ahead) if max_off_policy_steps else None
+        # Set by the trainer: the model's end-of-turn tokens (TRL's EOS list), named in every request rather than
+        # left to the server's defaults, so that vLLM stops where TRL's truncation mask expects an end.
+        self.stop_token_ids: list[int] = []
         self._next_round: tuple[int, list[list[int]], int] | None = None  # (first step, prompts, n), not started
         self._round = Round([], 0, [], "", 0, 0.0)  # the round the current steps train on
 
@@ -254,7 +257,7 @@ class ServerGeneration:
             start = time.perf_counter()
             completions = recovery.call("generation", lambda: client.complete(
                 adapter, prompts, n=n, max_tokens=self.max_completion_length, temperature=self.temperature,
-                top_p=self.top_p, seed=self._seed(step)),
+                top_p=self.top_p, seed=self._seed(step), stop_token_ids=self.stop_token_ids),
                 restore=lambda: self.publisher.ensure_registered(adapter, client))
             return Round(prompts, n, completions, adapter, version, time.perf_counter() - start)
         finally:
@@ -267,7 +270,8 @@ class ServerGeneration:
         self._publish_current()
         return self.recovery.call(what, lambda: self.client.complete(
             self.publisher.current, prompts, n=n, max_tokens=self.max_completion_length,
-            temperature=self.temperature, top_p=self.top_p), restore=self._restore_adapter)
+            temperature=self.temperature, top_p=self.top_p, stop_token_ids=self.stop_token_ids),
+            restore=self._restore_adapter)
 
     def _seed(self, step: int) -> int | None:
         return None if self.seed is None else self.seed + step

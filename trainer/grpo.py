@@ -18,7 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 import trl.trainer.grpo_trainer as trl_grpo
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
+from . import harmony
 from .adapter_sync import AdapterPublisher
 from .checkpoints import mark_complete
 from .generation import ServerGeneration
@@ -40,6 +42,8 @@ class MeasuredGRPOTrainer(OldLogprobsFromTrainingForward, GRPOTrainer):
         self.memory = MicroStepMemory(args.gradient_accumulation_steps, Path(args.output_dir), ranks)
         self.step_metrics = StepMetrics(self.latest_samples)
         super().__init__(**kwargs)
+        self.harmony = harmony.HarmonyTokens.of(self._tokenizer)  # None: completions are plain text
+        self._batch_solutions: list | None = None
         if ranks.distributed:  # after TRL added the LoRA layers, before the model is wrapped in DDP
             shard_frozen_base(self.model, ranks.device())
 
@@ -75,6 +79,37 @@ class MeasuredGRPOTrainer(OldLogprobsFromTrainingForward, GRPOTrainer):
         # advantages and vLLM's sampling logprobs on the first: bring them together there.
         device = self.accelerator.device
         return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in outputs)
+
+    def _generate_and_score_completions(self, inputs):
+        self._batch_solutions = [row.get("solution") for row in inputs] if "solution" in inputs[0] else None
+        return super()._generate_and_score_completions(inputs)
+
+    def _generate(self, prompts: list):
+        """TRL's sampling, with a harmony model's completions handed to the rewards channel by channel: the final
+        answer as `content`, the reasoning as `thinking` (harmony.py)."""
+        outputs = super()._generate(prompts)
+        if self.harmony is None:
+            return outputs
+        prompt_ids, completion_ids, tool_mask, _, *rest = outputs
+        parsed = harmony.parse_completions(completion_ids, self._tokenizer, self.harmony)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[p.as_message()] for p in parsed]
+        else:
+            completions = [p.as_message()["content"] for p in parsed]
+        self._log_harmony_metrics(parsed)
+        return (prompt_ids, completion_ids, tool_mask, completions, *rest)
+
+    def _log_harmony_metrics(self, parsed: list) -> None:
+        """harmony.completion_sums over every rank's completions, as TRL logs its own completion metrics."""
+        sums = harmony.completion_sums(parsed, self._batch_solutions)
+        names = list(sums)
+        totals = self.accelerator.gather(torch.tensor([[sums[n] for n in names]], dtype=torch.float64,
+                                                      device=self.accelerator.device)).sum(dim=0)
+        mode = "train" if self.model.training else "eval"
+        count = totals[names.index("completions")].item()
+        for name, total in zip(names, totals.tolist()):
+            if name != "completions" and count:
+                self._metrics[mode][name].append(total / count)
 
     def latest_samples(self, count: int) -> list[dict]:
         """The last generation batch's first `count` completions, from where TRL keeps them for its tables."""
@@ -159,6 +194,7 @@ class AdapterSyncGRPOTrainer(MeasuredGRPOTrainer):
         # to the server); swapping the name for the length of __init__ is the one seam TRL offers.
         with mock.patch.object(trl_grpo, "VLLMGeneration", make_backend):
             super().__init__(**kwargs)
+        self.vllm_generation.stop_token_ids = list(self.eos_token_ids)
         self.vllm_generation.next_round_prompts = self.next_round_prompt_ids
         self.add_callback(SampleAheadAtStepStart(self.vllm_generation))
 

@@ -123,13 +123,20 @@ def render(run_dir: Path, out: Path) -> Path:
     plot_metric(ax, steps, "completions/mean_length", label="mean")
     plot_metric(ax, steps, "completions/max_length", ":", label="max")
     plot_metric(ax, steps, "eval/completions/mean_length", "o", label="held-out mean")
+    plot_metric(ax, steps, "completions/mean_analysis_length", "--", label="reasoning (analysis channel)")
+    plot_metric(ax, steps, "completions/mean_final_length", "-.", label="final answer (final channel)")
     ax.set(title="completion length", ylabel="tokens", ylim=(0, None))
     ax.legend(fontsize=8)
 
     ax = next(panels)
     plot_metric(ax, steps, "completions/clipped_ratio", color="tab:red", label="train")
     plot_metric(ax, steps, "eval/completions/clipped_ratio", "o", color="tab:purple", label="held-out")
-    ax.set(title="clipped (cut at MAX_COMPLETION_LENGTH)", ylabel="fraction of completions", ylim=(-0.05, 1.05))
+    harmony = plot_metric(ax, steps, "completions/no_final_ratio", "--", color="tab:orange", label="no final answer")
+    plot_metric(ax, steps, "completions/malformed_ratio", ":", color="tab:brown", label="malformed harmony")
+    plot_metric(ax, steps, "completions/answer_only_in_analysis_ratio", "-.", color="tab:green",
+                label="answer in the reasoning only")
+    ax.set(title="clipped (cut at MAX_COMPLETION_LENGTH)" + (", and GPT-OSS's channels" if harmony else ""),
+           ylabel="fraction of completions", ylim=(-0.05, 1.05))
     ax.legend(fontsize=8)
 
     ax = next(panels)

@@ -21,7 +21,8 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def completion_text(completion) -> str:
-    """Completions are message lists for chat data, plain text otherwise."""
+    """Completions are message lists for chat data, plain text otherwise. For GPT-OSS the message's `content` is
+    the final channel alone (its reasoning is in `thinking`), empty when the completion has no final answer."""
     if isinstance(completion, list):
         return completion[-1]["content"] if completion else ""
     return completion

@@ -150,6 +150,8 @@ class RunLogger(TrainerCallback):
                 f"reward {format_reward(r.get('reward', float('nan')))} ± {format_reward(r.get('reward_std', float('nan')))} | "
                 f"clipped {r.get('completions/clipped_ratio', float('nan')):.2f} | "
                 f"len {r.get('completions/mean_length', float('nan')):.0f} | "
+                + (f"no final {r['completions/no_final_ratio']:.2f}, malformed {r['completions/malformed_ratio']:.2f} | "
+                   if "completions/no_final_ratio" in r else "") +
                 f"gen {r['time/generation_s']:.1f}s{' ahead' if r['rollouts/sampled_ahead'] else ''} "
                 f"wait {r['time/rollout_wait_s']:.1f}s sync {r['time/sync_s']:.2f}s train {r['time/train_s']:.1f}s | "
                 f"{r['tokens/generation_per_s']:.0f} gen tok/s, {r['tokens/train_per_s']:.0f} train tok/s | "

@@ -130,7 +130,7 @@ class ServerPool:
 
     # ------------------------------------------------------------------ generation
     def complete(self, model: str, prompts: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None = None) -> list[Completion]:
+                 top_p: float, seed: int | None = None, stop_token_ids: list[int] = ()) -> list[Completion]:
         """`VLLMServerClient.complete` over the pool: `n` completions per prompt, in prompt order, each prompt's
         group from one server, every group exactly once."""
         groups: list[list[Completion] | None] = [None] * len(prompts)
@@ -140,7 +140,7 @@ class ServerPool:
             shares = self._assign(pending, n)
             with ThreadPoolExecutor(max_workers=len(shares)) as executor:
                 futures = {executor.submit(self._complete_on, member, model, [prompts[i] for i in indices], n,
-                                           max_tokens, temperature, top_p, seed): (member, indices)
+                                           max_tokens, temperature, top_p, seed, stop_token_ids): (member, indices)
                            for member, indices in shares.items()}
             failed, errors = [], []
             for future, (member, indices) in futures.items():
@@ -180,13 +180,14 @@ class ServerPool:
         return shares
 
     def _complete_on(self, member: Member, model: str, prompts: list[list[int]], n: int, max_tokens: int,
-                     temperature: float, top_p: float, seed: int | None) -> list[Completion]:
+                     temperature: float, top_p: float, seed: int | None,
+                     stop_token_ids: list[int]) -> list[Completion]:
         sequences = len(prompts) * n
         with self._lock:
             member.in_flight += sequences
         try:
             return member.client.complete(model, prompts, n=n, max_tokens=max_tokens, temperature=temperature,
-                                          top_p=top_p, seed=seed)
+                                          top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
         finally:
             with self._lock:
                 member.in_flight -= sequences

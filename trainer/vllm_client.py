@@ -212,11 +212,14 @@ class VLLMServerClient:
 
     # ------------------------------------------------------------------ generation
     def complete(self, model: str, prompts: list[list[int]], n: int, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None = None) -> list[Completion]:
+                 top_p: float, seed: int | None = None, stop_token_ids: list[int] = ()) -> list[Completion]:
         """Sample `n` completions per prompt (prompts as token IDs), in prompt order, with per-token logprobs; with
-        a `seed`, the same request samples the same completions whatever else the server is batching."""
+        a `seed`, the same request samples the same completions whatever else the server is batching. A completion
+        ends at any of `stop_token_ids` (kept as its last token) besides the server's own end-of-sequence."""
         body = {"model": model, "prompt": prompts, "n": n, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False}
+        if stop_token_ids:
+            body["stop_token_ids"] = list(stop_token_ids)
         if seed is not None:
             body["seed"] = seed
         choices = self._json("POST", "/v1/completions", json=body)["choices"]
