@@ -5,7 +5,8 @@ HTTP status to answer instead of the server, a float is seconds to stall before 
 forwards but breaks the connection halfway through the answer (a server killed while answering), None forwards at
 once. While the server behind it is down (killed by a test, not yet restarted) the proxy closes each connection
 without an answer, as a dead server's socket does. Requests are counted so tests can assert what the trainer
-retried.
+retried. `rewrite(path, request_body, answer)`, if given, returns the JSON answer to send in place of the server's
+(completions of a known structure, which a random model cannot be made to write).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ CUT = "cut"
 
 
 class FaultProxy:
-    def __init__(self, target: str, plan: Callable[[str, int, dict], int | float | str | None], port: int = 0):
+    def __init__(self, target: str, plan: Callable[[str, int, dict], int | float | str | None], port: int = 0,
+                 rewrite: Callable[[str, dict, dict], dict] | None = None):
         self.target = target
         self.plan = plan
+        self.rewrite = rewrite
         self.requests = Counter()
         self.faults = Counter()
         proxy = self
@@ -64,16 +67,20 @@ class FaultProxy:
                     proxy.faults["down"] += 1
                     self.close_connection = True
                     return
+                content = upstream.content
+                if proxy.rewrite is not None and upstream.status_code == 200 and \
+                        upstream.headers.get("Content-Type", "").startswith("application/json"):
+                    content = json.dumps(proxy.rewrite(self.path, parsed, upstream.json())).encode()
                 self.send_response(upstream.status_code)
                 self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(upstream.content)))
+                self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
                 if status == CUT:
                     proxy.faults[CUT] += 1
-                    self.wfile.write(upstream.content[:len(upstream.content) // 2])
+                    self.wfile.write(content[:len(content) // 2])
                     self.close_connection = True
                     return
-                self.wfile.write(upstream.content)
+                self.wfile.write(content)
 
             do_GET = do_POST = _handle
 
