@@ -1,4 +1,5 @@
-"""Load the policy for training: bf16 weights (MXFP4 experts dequantized), spread over the GPUs within a budget."""
+"""Load the policy for training: bf16 weights (an MXFP4 checkpoint's experts kept in MXFP4, or dequantized), on
+the GPUs within a budget."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import attention  # importing it registers ATTN_IMPLEMENTATION=fa4 with transformers
+from . import experts  # and this the lean experts forward
 from .config import SettingsError
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,14 @@ def load_tokenizer(model_name: str):
 
 
 def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
-               gradient_checkpointing: bool, for_ranks: bool = False):
+               gradient_checkpointing: bool, for_ranks: bool = False, experts_format: str = "auto"):
     """For trainer ranks, the whole model in host memory: FSDP2 then takes it to the rank's GPU one decoder layer
     at a time, keeping only the rank's shard (ranks.shard_frozen_base), so no GPU ever holds the whole model beside
-    the server. For one trainer process, its layers spread over the visible GPUs within the budget."""
+    the server. For one trainer process, its layers spread over the visible GPUs within the budget.
+
+    An MXFP4 checkpoint's experts stay MXFP4 (`experts_format` auto or mxfp4; trainer/experts.py), dequantized
+    inside each layer's forward: the model is then small enough for one GPU and for every rank to hold it whole
+    (ranks.shard_frozen_base keeps it whole). With `bf16` they are dequantized at load, as before."""
     attn_implementation = attention.resolved_attn_implementation(attn_implementation, dtype)  # `auto` from any caller
     if not for_ranks and attn_implementation == "flex_attention" and torch.cuda.device_count() > 1:
         # seen on 2 x H100 with transformers 5.17: its padding mask stays on the first GPU, and Inductor cannot
@@ -37,20 +43,44 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
                             "GPUs (transformers builds its mask on the first): use eager")
     config = AutoConfig.from_pretrained(model_name)
     kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
-    quantization = getattr(config, "quantization_config", None) or {}
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+    mxfp4 = is_mxfp4_checkpoint(config)
+    if experts_format == "mxfp4" and not mxfp4:
+        raise SettingsError(f"EXPERTS_FORMAT=mxfp4: {model_name} is not an MXFP4 checkpoint; use auto")
+    keep_mxfp4 = mxfp4 and experts_format in ("auto", "mxfp4")
+    if mxfp4:
         from transformers import Mxfp4Config
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)  # LoRA trains on bf16 weights
-    if for_ranks:
-        kwargs["device_map"] = {"": "cpu"}  # each rank reads it: host memory for one bf16 copy per rank
+    if for_ranks or keep_mxfp4:
+        # each rank reads it: host memory for one bf16 copy per rank; MXFP4 experts go to the GPU once converted
+        kwargs["device_map"] = {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = "balanced"  # half the layers per GPU, beside the TP=2 server's halves
         kwargs["max_memory"] = {i: f"{gpu_memory_budget_gib}GiB" for i in range(torch.cuda.device_count())}
     model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     model.config.use_cache = not gradient_checkpointing
+    if mxfp4 and not keep_mxfp4:
+        # transformers dequantizes to bf16 whatever the dtype asked: a float32 model would compute its experts in
+        # bf16 (its grouped GEMM casts the input to the weights' dtype)
+        for _, module in experts.experts_modules(model):
+            for proj in experts.PROJECTIONS:
+                getattr(module, proj).data = getattr(module, proj).data.to(kwargs["dtype"])
+    if keep_mxfp4:
+        experts.keep_experts_mxfp4(model, model_name, kwargs["dtype"])
+        if torch.cuda.is_available() and not for_ranks:
+            device = torch.device("cuda", torch.cuda.current_device())
+            model.to(device)  # the whole model fits one GPU
+            model.hf_device_map = {"": device.index}
+        experts.check_kernel_against_reference(model)
+    if experts.use_lean_experts(model):
+        log.info("experts: the lean grouped-GEMM forward (no expert-parallel masking)")
     log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
              f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
     return model
+
+
+def is_mxfp4_checkpoint(config) -> bool:
+    quantization = getattr(config, "quantization_config", None) or {}
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
 
 
 def output_head_device_guard(model):

@@ -128,7 +128,8 @@ def collective_timeout_seconds(wait_timeout: float, request_timeout: float, max_
 
 
 def shard_frozen_base(model, device: torch.device) -> None:
-    """FSDP2 over the frozen base: each decoder layer one unit (its weights gathered for its forward and backward
+    """FSDP2 over the frozen base (a model whose experts are kept in MXFP4 is kept whole instead:
+    keep_frozen_base_whole): each decoder layer one unit (its weights gathered for its forward and backward
     only), the rest of the model the root unit; the trainable LoRA parameters are left out, whole on every rank.
     DDP, which the trainer wraps around the model, is told to leave everything but them alone.
 
@@ -136,7 +137,12 @@ def shard_frozen_base(model, device: torch.device) -> None:
     shards it, so the GPU holds one whole layer at most besides its shards; the LoRA parameters follow."""
     from torch.distributed.fsdp import fully_shard
 
+    from .experts import has_mxfp4_experts
+
     trainable = {p for p in model.parameters() if p.requires_grad}
+    if has_mxfp4_experts(model):
+        keep_frozen_base_whole(model, device, trainable)
+        return
     layer_types = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
     if not layers:
@@ -151,4 +157,20 @@ def shard_frozen_base(model, device: torch.device) -> None:
         name for name, p in model.named_parameters() if id(p) not in trainable_ids] + [
         name for name, _ in model.named_buffers()]
     log.info("FSDP2: %d decoder layers sharded over %d ranks; %d LoRA tensors replicated", len(layers),
+             dist.get_world_size(), len(trainable))
+
+
+def keep_frozen_base_whole(model, device: torch.device, trainable: set) -> None:
+    """The whole model on every rank's GPU, as for an MXFP4-kept base (a third of its bf16 size): no gathers per
+    micro-step, only the LoRA gradients averaged (DDP, told to leave the frozen parameters and the buffers alone:
+    it would otherwise broadcast the MXFP4 buffers from rank 0 at every forward)."""
+    from .experts import check_kernel_against_reference
+
+    model.to(device)
+    check_kernel_against_reference(model)
+    trainable_ids = {id(p) for p in trainable}
+    model._ddp_params_and_buffers_to_ignore = [
+        name for name, p in model.named_parameters() if id(p) not in trainable_ids] + [
+        name for name, _ in model.named_buffers()]
+    log.info("frozen base kept whole on each of %d ranks (MXFP4 experts); %d LoRA tensors replicated",
              dist.get_world_size(), len(trainable))
