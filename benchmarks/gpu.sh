@@ -68,6 +68,13 @@
 #                     float64, and speed, on the checkpoint's layer shapes (benchmarks/attention_check.py; ARGS such
 #                     as --lengths 1024,4096 --implementations eager,fa4): $OUT/attention-check.json
 #   gpu.sh bench      attention and sequential-vs-batched comparisons (benchmarks/bench_trainer.py)
+#   gpu.sh microstep [ARGS]
+#                     one trainer micro-step of gpt-oss-20b's shape (random weights built on the GPU: no checkpoint,
+#                     no server; 4,096 tokens, rank-4 LoRA, gradient checkpointing, fa4 where it runs), its experts as
+#                     bf16 (transformers' grouped_mm, then the lean forward) and kept in MXFP4 (grouped_mm, lean,
+#                     compiled, LoRA in bf16), side by side: tokens/s, peak memory, logprob and LoRA-gradient errors
+#                     against the bf16 path, the dequantization kernel against its reference
+#                     (benchmarks/bench_microstep.py; ARGS such as --seq 2048 --attn eager): $OUT/microstep.json
 #   gpu.sh agreement [LABEL=PORT ...] [--dtypes bfloat16,float32]
 #                     where vLLM's and the trainer's logprobs part (benchmarks/logprob_agreement.py), for the
 #                     server on $PORT and each variant named; other arguments go to the script
@@ -302,6 +309,9 @@ print('wrote', write_dense_copy(Path('$CKPT'), Path('$CKPT-dense'), device='cuda
       --out "$OUT/attention-check.json" "${@:2}" 2>&1 | tee "$OUT/attention-check.log" ;;
   bench)
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_trainer.py" "$CKPT" "${@:2}" 2>&1 | tee "$OUT/bench.log" ;;
+  microstep)
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/bench_microstep.py" --out "$OUT/microstep.json" "${@:2}" \
+      2>&1 | tee "$OUT/microstep.log" ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -175,3 +175,24 @@ def test_mxfp4_refuses_a_checkpoint_that_is_not(tiny_model):
         load_model(str(tiny_model), "float32", "eager", 30, gradient_checkpointing=True, experts_format="mxfp4")
     model = load_model(str(tiny_model), "float32", "eager", 30, gradient_checkpointing=True)  # auto: as it is
     assert not experts.has_mxfp4_experts(model)
+
+
+def test_the_microstep_benchmark_runs_at_toy_size(tmp_path):
+    """benchmarks/bench_microstep.py (gpu.sh microstep) end to end on the CPU, torch.compile left out for time."""
+    import json
+
+    out = tmp_path / "microstep.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/bench_microstep.py"), "--tiny", "--repeats", "1",
+                             "--skip", "mxfp4_lean_compiled", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dequantize"]["kernel_equals_reference"]
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["bf16_grouped_mm", "bf16_lean", "mxfp4_grouped_mm", "mxfp4_lean", "mxfp4_lean_lora_bf16",
+                          "no_grad_forward"]
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    for name in ("bf16_lean", "mxfp4_grouped_mm", "mxfp4_lean"):  # the same weights and operations in bf16
+        assert rows[name]["logprobs_rel_error"] < 1e-3 and rows[name]["lora_grad_rel_error_max"] < 1e-2, rows[name]
+    assert rows["bf16_lean"]["logprobs_rel_error"] == 0 and rows["bf16_lean"]["lora_grad_rel_error_max"] == 0
+    assert all(r["tok_per_s"] > 0 for r in rows.values())
