@@ -190,7 +190,8 @@ def test_no_data_file_ends_in_a_traceback(tmp_path_factory):
             return
         assert len(dataset) >= 1
         for row in dataset:
-            assert row["prompt"][-1]["content"].strip() and isinstance(row["solution"], str)
+            # data without an answer column loads without `solution` (the rewards' trial call names who needs it)
+            assert row["prompt"][-1]["content"].strip() and isinstance(row.get("solution", ""), str)
 
     check()
 

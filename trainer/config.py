@@ -39,8 +39,11 @@ class SettingsError(ValueError):
             super().__init__("invalid settings (fix them in .env):\n  " + "\n  ".join(self.problems))
 
 
-def setting(env: str, default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "check": check})
+def setting(env: str, default: Any, help: str, check: Callable[[Any], str | None] | None = None,
+            empty_allowed: bool = False) -> Any:
+    """One setting. An empty value (`NAME=` in .env) means the default, unless `empty_allowed`: then it means empty
+    (no system prompt, no data set configuration), as its help says."""
+    return field(default=default, metadata={"env": env, "help": help, "check": check, "empty_allowed": empty_allowed})
 
 
 def at_least(low: float) -> Callable[[Any], str | None]:
@@ -125,10 +128,10 @@ class Settings:
     lora_target_modules: tuple[str, ...] = setting("LORA_TARGET_MODULES", ("q_proj", "k_proj", "v_proj", "o_proj"), "Comma-separated module names LoRA wraps; attention projections load in vLLM for every architecture here.", not_empty("module"))
     # --- data and rewards ---
     dataset: str = setting("DATASET", "openai/gsm8k", "Hub data set name, a local .jsonl file, 'sample' for the bundled offline set, or 'sums' for generated single-digit sums (held-out pairs for EVAL_SPLIT=test; examples/smollm2.env).")
-    dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files).")
+    dataset_config: str = setting("DATASET_CONFIG", "main", "Hub data set configuration (ignored for files); empty (DATASET_CONFIG=) means none, the data set's default, for a Hub data set without a 'main' configuration.", empty_allowed=True)
     dataset_split: str = setting("DATASET_SPLIT", "train", "Split to train on.")
     reasoning_effort: str = setting("REASONING_EFFORT", "", "GPT-OSS chat template's reasoning effort (low, medium, high); empty keeps the template's default. Lower effort, shorter completions.", one_of("", "low", "medium", "high"))
-    system_prompt: str = setting("SYSTEM_PROMPT", "Solve the problem. Put the final answer in \\boxed{}.", "System message put before each problem.")
+    system_prompt: str = setting("SYSTEM_PROMPT", "Solve the problem. Put the final answer in \\boxed{}.", "System message put before each prompt (before a conversational prompt only if it starts with no system message of its own); empty (SYSTEM_PROMPT=) means none.", empty_allowed=True)
     eval_dataset: str = setting("EVAL_DATASET", "", "Held-out prompts: empty means DATASET's EVAL_SPLIT (the bundled eval set for 'sample'); or a Hub name or .jsonl path.")
     eval_split: str = setting("EVAL_SPLIT", "test", "Split of the evaluation data set.")
     eval_steps: int = setting("EVAL_STEPS", 50, "Evaluate on the held-out prompts every this many steps (0: never).", at_least(0))
@@ -228,7 +231,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             env = f.metadata["env"]
             raw = environ.get(env)
-            if raw is None or (raw.strip() == "" and f.default != ""):
+            if raw is None or (raw.strip() == "" and f.default != "" and not f.metadata["empty_allowed"]):
                 continue
             try:
                 value = _parse(raw.strip(), types[f.name])

@@ -1,9 +1,12 @@
 """Prompts for GRPO: a Hub data set, a local JSONL file, the bundled sample set or generated sums, as chat prompts +
 solutions.
 
-Rows are normalised to TRL's conversational format: `prompt` (a list of messages; the chat template, GPT-OSS's
-harmony format included, is applied by the trainer) and `solution` (the final answer the rewards check).
-Rows missing a question or an answer are skipped and counted, never fatal.
+Rows are normalised to TRL's conversational format: `prompt` (a list of messages, from a question text or a
+conversation as written; the chat template, GPT-OSS's harmony format included, is applied by the trainer) and
+`solution` (the final answer the rewards check). Every other column of the data stays, and reaches the reward
+functions as a keyword argument of its own name (TRL's contract), from a Hub data set and a JSONL file alike.
+Rows missing a question or an answer are skipped and counted, never fatal; data without any answer column loads
+without `solution`, for rewards that need none.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ SAMPLE_EVAL_DATASET = Path(__file__).parent / "data" / "sample_math_eval.jsonl"
 GENERATED_SUMS = "sums"
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "solution")
+# Names TRL gives reward functions itself (or drops from the columns): a column so named cannot reach a reward.
+RESERVED_COLUMNS = ("prompts", "completions", "completion", "completion_ids", "trainer_state", "log_extra",
+                    "log_metric", "environments")
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
 
 class DatasetError(ValueError):
@@ -105,58 +112,127 @@ def _reason(exc: Exception) -> str:
 
 
 def rows_dataset(rows: list[dict], setting: str) -> datasets.Dataset:
-    """The question and answer fields of `rows` as a data set; a value of the wrong type becomes missing, so that
-    its row is skipped and counted like one without the field."""
-    names = {key for row in rows for key in row}
+    """Every field of `rows` as a column, as a Hub data set has them. The question and answer fields are read as
+    text (a conversation, too, for `prompt`); a value of the wrong type there becomes missing, so that its row is
+    skipped and counted like one without the field. Any other field whose values no one column type can hold (text
+    in one row, a number in another) is left out with a warning naming it."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
     question_field = next((f for f in QUESTION_FIELDS if f in names), None)
     answer_field = next((f for f in ANSWER_FIELDS if f in names), None)
-    if question_field is None or answer_field is None:
+    if question_field is None:
         shown = ", ".join(repr(n[:40]) for n in sorted(names)[:10]) or "none"
-        raise DatasetError(f"{setting}: the rows have the fields {shown}; they need one of {QUESTION_FIELDS} and "
-                           f"one of {ANSWER_FIELDS}")
+        raise DatasetError(f"{setting}: the rows have the fields {shown}; they need one of {QUESTION_FIELDS} (and "
+                           f"one of {ANSWER_FIELDS} for the rewards that compare with an answer)")
 
-    def text_or_none(value, numbers_too: bool):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and numbers_too:
-            return str(value)
-        if not isinstance(value, str):
-            return None
+    questions = [text_or_none(row.get(question_field), numbers_too=False) for row in rows]
+    if question_field == "prompt":
+        conversations = [as_messages(row.get("prompt")) for row in rows]
+        if any(conversations):  # one column type: every text prompt becomes a user message
+            questions = [c or ([{"role": "user", "content": q.strip()}] if q is not None else None)
+                         for q, c in zip(questions, conversations)]
+    columns: dict[str, list] = {question_field: questions}
+    features = {question_field: MESSAGES if any(isinstance(q, list) for q in questions) else datasets.Value("string")}
+    if answer_field is not None:
+        columns[answer_field] = [text_or_none(row.get(answer_field), numbers_too=True) for row in rows]
+        features[answer_field] = datasets.Value("string")
+    left_out = []
+    for name in names:
+        if name in columns:
+            continue
+        values = [row.get(name) for row in rows]
         try:
-            value.encode("utf-8")  # JSON's \ud800-style escapes can make text no tokenizer takes
-        except UnicodeEncodeError:
-            return None
-        return value
+            features.update(datasets.Dataset.from_dict({name: values}).features)
+        except Exception:  # pyarrow says why in its own terms; the user needs the column's name
+            left_out.append(name)
+            continue
+        columns[name] = values
+    if left_out:
+        log.warning("%s: left out the field(s) %s: their values differ in type from row to row (e.g. text in "
+                    "one, a number in another), so no column can hold them and no reward gets them; give each "
+                    "field one type", setting, ", ".join(repr(n[:40]) for n in left_out[:10]))
+    return datasets.Dataset.from_dict(columns, features=datasets.Features({n: features[n] for n in columns}))
 
-    return datasets.Dataset.from_dict({
-        question_field: [text_or_none(row.get(question_field), numbers_too=False) for row in rows],
-        answer_field: [text_or_none(row.get(answer_field), numbers_too=True) for row in rows]},
-        features=datasets.Features({question_field: datasets.Value("string"),
-                                    answer_field: datasets.Value("string")}))
+
+def text_or_none(value, numbers_too: bool) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and numbers_too:
+        return str(value)
+    if not isinstance(value, str) or not encodable(value):
+        return None
+    return value
+
+
+def encodable(text: str) -> bool:
+    """JSON's \\ud800-style escapes can make text no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def as_messages(value) -> list[dict] | None:
+    """A conversational prompt (TRL's format: a list of {"role", "content"} messages, the last one not from the
+    assistant, at least one with text), keeping role and content; else None."""
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for message in value:
+        if not isinstance(message, dict):
+            return None
+        role, content = message.get("role"), message.get("content")
+        if not (isinstance(role, str) and role.strip() and isinstance(content, str)
+                and encodable(role) and encodable(content)):
+            return None
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] == "assistant" or not any(m["content"].strip() for m in messages if m["role"] != "system"):
+        return None
+    return messages
 
 
 def to_prompts(raw: datasets.Dataset, system_prompt: str, setting: str = "DATASET") -> tuple[datasets.Dataset, int]:
-    """Return (dataset with `prompt` and `solution`, number of rows skipped for missing fields)."""
+    """Return (the data set with `prompt` as messages and `solution` as the normalised answer, every other column as
+    it was; the number of rows skipped for a missing question or answer)."""
     question_field = next((f for f in QUESTION_FIELDS if f in raw.column_names), None)
     answer_field = next((f for f in ANSWER_FIELDS if f in raw.column_names), None)
-    if question_field is None or answer_field is None:
+    if question_field is None:
         raise DatasetError(f"{setting}: the data set has columns {raw.column_names}; it needs one of "
-                           f"{QUESTION_FIELDS} and one of {ANSWER_FIELDS}")
+                           f"{QUESTION_FIELDS} (and one of {ANSWER_FIELDS} for the rewards that compare with an answer)")
+    reserved = [c for c in raw.column_names if c in RESERVED_COLUMNS]
+    if reserved:
+        log.warning("%s: left out the column(s) %s: TRL gives rewards arguments of these names itself; rename "
+                    "them for a reward to get them", setting, ", ".join(map(repr, reserved)))
+
+    def question(row):
+        value = row[question_field]
+        if isinstance(value, str):
+            return value.strip() if value.strip() and encodable(value) else None
+        return as_messages(value) if question_field == "prompt" else None
 
     def usable(row) -> bool:
-        return isinstance(row[question_field], str) and bool(row[question_field].strip()) \
-            and row[answer_field] is not None and bool(str(row[answer_field]).strip())
+        return question(row) is not None and (answer_field is None or (
+            row[answer_field] is not None and bool(str(row[answer_field]).strip())))
 
     kept = raw.filter(usable)
     skipped = len(raw) - len(kept)
 
     def convert(row):
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": row[question_field].strip()})
-        return {"prompt": messages, "solution": final_answer(str(row[answer_field]))}
+        asked = question(row)
+        if isinstance(asked, str):
+            messages = [{"role": "user", "content": asked}]
+        else:
+            messages = asked
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        converted = {"prompt": messages}
+        if answer_field is not None:
+            converted["solution"] = final_answer(str(row[answer_field]))
+        return converted
 
-    converted = kept.map(convert, remove_columns=kept.column_names)
+    replaced = [c for c in kept.column_names if c in ("prompt", "solution", *RESERVED_COLUMNS)]
+    converted = kept.map(convert, remove_columns=replaced)
     if len(converted) == 0:
         raise DatasetError(f"{setting}: the data set has no usable rows (every row lacks a question or an answer, "
-                           "or has one that is not text)")
+                           "or has one that is neither text nor, for `prompt`, a list of messages)")
     return converted, skipped
 
 
@@ -185,5 +261,6 @@ def load_prompts(name: str, config: str, split: str, system_prompt: str, setting
     if skipped:
         log.warning("data set %s: skipped %d rows missing a question or an answer (or with one that is not text)",
                     name, skipped)
-    log.info("data set %s: %d prompts", name, len(dataset))
+    log.info("data set %s: %d prompts; columns the rewards get: %s", name, len(dataset),
+             ", ".join(c for c in dataset.column_names if c != "prompt"))
     return dataset

@@ -3,9 +3,10 @@ TRAINER_PROCESSES processes per node through `torchrun` (its static rendezvous a
 command on every node with its own NODE_RANK).
 
     python launch.py            # settings from the environment, as train_grpo_vllm.py
+    python launch.py --check    # only the checks made before starting: exit 0 (with a summary) or 2
     python launch.py --help
 
-A bad setting exits 2 here, once, before any process or GPU is started.
+A bad setting exits 2 here, once, before any process or GPU is started, and before the server is waited for.
 
 SIGTERM (`docker compose down`) goes to the trainer processes themselves, not to torchrun: torchrun answers a
 signal by stopping its workers within its shutdown timeout and exiting 1 whatever they did, while each rank,
@@ -24,7 +25,11 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script from the trainer directory, as the container does
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # Python puts the script's own folder first on sys.path, where trainer/rewards.py, data.py, model.py would
+    # shadow a user's module of the same name (REWARD_FUNCS=rewards.my_fn): the package's folder instead.
+    HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    sys.path.insert(0, str(HERE.parent))
 
 from trainer.config import SettingsError  # noqa: E402
 from trainer.preflight import checked_settings  # noqa: E402
@@ -62,6 +67,9 @@ def main(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if "--check" in argv:
+        print(check_summary(settings, per_node))
+        return 0
     # the processes skip the checks just made, and take `auto`'s attention as resolved here
     env = dict(os.environ, TRAINER_SETTINGS_CHECKED="1", ATTN_IMPLEMENTATION=settings.attn_implementation)
     if per_node * settings.nnodes == 1:
@@ -70,6 +78,19 @@ def main(argv: list[str]) -> int:
     # on the CPU (model.load_model), which on one thread takes many minutes: give each its share of the CPUs
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // per_node)))
     return run_torchrun(torchrun_command(settings, per_node), env)
+
+
+def check_summary(settings, per_node: int) -> str:
+    """What `--check` found usable, in a few lines; the server is not contacted."""
+    processes = per_node * settings.nnodes
+    return "\n".join([
+        "settings OK (nothing was started; the vLLM server was not contacted):",
+        f"  model {settings.model_name}, attention {settings.attn_implementation}, {processes} trainer "
+        f"process{'es' if processes > 1 else ''} ({per_node} on this node)",
+        f"  data {settings.dataset} (split {settings.dataset_split}), rewards {', '.join(settings.reward_funcs)} "
+        "(each called once on the data's first rows)",
+        f"  {settings.sequences_per_step} sequences per step, {settings.max_steps} steps, run {settings.run_dir}",
+        f"  server{'s' if len(settings.server_urls) > 1 else ''} {', '.join(settings.server_urls)}"])
 
 
 def stop_when_parent_dies() -> None:

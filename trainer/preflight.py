@@ -1,14 +1,20 @@
 """Everything the trainer can check without the vLLM server, checked before it waits for the server (up to
 VLLM_WAIT_TIMEOUT): the settings, the runs directory, the reward names, the training and evaluation data and every
 row of a data file, MODEL_NAME, LORA_TARGET_MODULES against the model's own modules, and ATTN_IMPLEMENTATION against
-the model and the GPUs. Every problem is reported at once, each naming its setting and the fix; the entry script
+the model and the GPUs, and each reward called once on a few rows of the data with a placeholder completion (a
+reward that cannot take the data's columns would score 0 on every batch). Every problem is reported at once, each naming its setting and the fix; the entry script
 exits 2 on any.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
+import numbers
 import os
+import re
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -16,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 from .attention import attention_problems, resolved_attn_implementation
 from .config import Settings, SettingsError
 from .data import DatasetError, eval_data_source, is_hub_name, load_prompts
-from .rewards import reward_problems
+from .rewards import resolve, reward_problems
 
 
 def checked_settings(environ: Mapping[str, str]) -> Settings:
@@ -30,23 +36,31 @@ def checked_settings(environ: Mapping[str, str]) -> Settings:
 
 
 HUB_PROBE_TIMEOUT = 5.0  # seconds
+TRIAL_ROWS = 2  # rows of each data set every reward is called with before the server is waited for
+PLACEHOLDER_COMPLETION = "A placeholder completion of the start-up check, not sampled: \\boxed{0}"
+log = logging.getLogger(__name__)
 
 
 def problems_before_server(s: Settings) -> list[str]:
-    problems = runs_dir_problems(s.runs_dir, s.run_name) + reward_problems(s.reward_funcs)
+    unknown_rewards = reward_problems(s.reward_funcs)
+    problems = runs_dir_problems(s.runs_dir, s.run_name) + unknown_rewards
     eval_source = eval_data_source(s.dataset, s.eval_dataset) if s.eval_steps else None
     eval_setting = "EVAL_DATASET" if s.eval_dataset else "DATASET"
     on_hub = [name for name in (s.dataset, eval_source) if name is not None and is_hub_name(name)]
     on_hub += [] if is_local_path(s.model_name) else [s.model_name]
+    loaded: dict[str, object] = {}  # each data set that loaded, by what it is, for the rewards' trial call
     with cache_only_if_hub_unreachable(bool(on_hub)) as unreachable:
         problems += guarded("DATASET", lambda: data_problems(s.dataset, s.dataset_config, s.dataset_split,
-                                                             "DATASET", unreachable))
+                                                             "DATASET", unreachable, s.system_prompt, loaded))
         if eval_source is not None:
             problems += guarded(eval_setting, lambda: data_problems(eval_source, s.dataset_config, s.eval_split,
-                                                                    eval_setting, unreachable))
+                                                                    eval_setting, unreachable, s.system_prompt,
+                                                                    loaded))
         problems += guarded("MODEL_NAME", lambda: model_problems(s.model_name, s.lora_target_modules, unreachable))
         problems += guarded("ATTN_IMPLEMENTATION", lambda: attention_problems(
             s.attn_implementation, s.torch_dtype, model_type_or_none(s.model_name)))
+    if not unknown_rewards:
+        problems += guarded("REWARD_FUNCS", lambda: reward_call_problems(s.reward_funcs, loaded))
     return problems
 
 
@@ -109,9 +123,12 @@ def runs_dir_problems(runs_dir: Path, run_name: str) -> list[str]:
     return []
 
 
-def data_problems(name: str, config: str, split: str, setting: str, hub_unreachable: str | None) -> list[str]:
+def data_problems(name: str, config: str, split: str, setting: str, hub_unreachable: str | None,
+                  system_prompt: str = "", loaded: dict | None = None) -> list[str]:
     try:
-        load_prompts(name, config, split, system_prompt="", setting=setting)
+        dataset = load_prompts(name, config, split, system_prompt=system_prompt, setting=setting)
+        if loaded is not None:
+            loaded[f"{setting}={name!r} (split {split!r})"] = dataset
     except DatasetError as exc:
         if hub_unreachable and is_hub_name(name):
             return [f"{setting}={name!r}: not in the local Hugging Face cache, and the Hub cannot be reached "
@@ -181,3 +198,84 @@ def model_load_problem(shown: str, exc: Exception, hub_unreachable: str | None) 
         return (f"{shown}: the Hugging Face Hub cannot be reached to fetch the model ({message}): check the "
                 "network, or set MODEL_NAME to a local directory")
     return f"{shown}: transformers cannot load its config ({type(causes[0]).__name__}: {message})"
+
+
+# ---------------------------------------------------------------- the rewards' trial call
+def reward_call_problems(names: tuple[str, ...], loaded: dict) -> list[str]:
+    """Call each reward once on the first rows of each data set that loaded, with a placeholder completion and the
+    arguments TRL gives it in training (prompts, completions, completion_ids, every column by name, trainer_state,
+    log_extra, log_metric). A reward that cannot be called so (TypeError: a parameter no column fills, or one it
+    does not accept; KeyError: a column it reads that the data lacks), or that returns no score per completion, is
+    a problem; one that raises anything else is only warned about: the placeholder is no real completion."""
+    problems = []
+    for name in dict.fromkeys(names):
+        func = resolve(name)
+        for source, dataset in loaded.items():
+            if problem := reward_call_problem(name, func, source, dataset):
+                problems.append(problem)
+                break  # one line per reward: the fix is the same for the other data set
+    return problems
+
+
+def trial_arguments(dataset) -> dict:
+    """What TRL's GRPOTrainer passes a reward function for these rows, with a placeholder completion each."""
+    from transformers import TrainerState
+
+    rows = dataset.select(range(min(TRIAL_ROWS, len(dataset))))
+    prompts = rows["prompt"]
+    completions = [[{"role": "assistant", "content": PLACEHOLDER_COMPLETION}] if isinstance(prompt, list)
+                   else PLACEHOLDER_COMPLETION for prompt in prompts]
+    columns = {column: rows[column] for column in rows.column_names if column != "prompt"}
+    return dict(prompts=prompts, completions=completions, completion_ids=[[0] for _ in prompts], **columns,
+                trainer_state=TrainerState(), log_extra=lambda *args, **kwargs: None,
+                log_metric=lambda *args, **kwargs: None)
+
+
+def reward_call_problem(name: str, func, source: str, dataset) -> str | None:
+    arguments = trial_arguments(dataset)
+    columns = [c for c in dataset.column_names if c != "prompt"]
+    given = f"it was given completions, prompts, completion_ids, trainer_state, log_extra, log_metric and the " \
+            f"columns of {source}: {', '.join(columns) or '(none but prompt)'}"
+    try:
+        scores = func(**arguments)
+    except (TypeError, KeyError) as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = "" if Path(frame.filename).resolve() == Path(__file__).resolve() else f" (at {Path(frame.filename).name}:{frame.lineno})"
+        fix = call_fix(exc, columns, getattr(func, "__name__", "reward"))
+        return (f"REWARD_FUNCS: reward {name!r} cannot be called with the data's columns: {type(exc).__name__}: "
+                f"{exc}{where}; {given}. {fix}")
+    except Exception as exc:  # the placeholder may be what it cannot score; training will tell (failures)
+        log.warning("REWARD_FUNCS: reward %r raised %s on the start-up check's placeholder completion: %s; during "
+                    "training a reward that raises scores 0 and is counted in rewards/<name>/failures",
+                    name, type(exc).__name__, exc)
+        return None
+    if inspect.isawaitable(scores):
+        getattr(scores, "close", lambda: None)()  # async rewards run in TRL's own event loop: not tried here
+        return None
+    expected = len(arguments["completions"])
+    if not isinstance(scores, (list, tuple)) or len(scores) != expected or not all(
+            s is None or isinstance(s, numbers.Real) or hasattr(s, "__float__") for s in scores):
+        shown = repr(scores)[:200]
+        return (f"REWARD_FUNCS: reward {name!r} returned {shown} for {expected} completions: a reward returns a "
+                f"list of one float (or None) per completion")
+    return None
+
+
+def call_fix(exc: Exception, columns: list[str], func_name: str) -> str:
+    """The fix for a reward that cannot be called with the data's columns, from how it failed."""
+    message = str(exc)
+    if isinstance(exc, KeyError):
+        key = exc.args[0] if exc.args else None
+        if isinstance(key, str) and key not in columns:
+            return (f"The data has no column {key!r}: add it to the data set (every column reaches the rewards "
+                    f"under its own name), or read a column it has")
+        return "Fix the reward: it failed on the data's first rows"
+    if missing := re.search(r"missing \d+ required (?:positional |keyword-only )?arguments?: (.+)", message):
+        absent = re.findall(r"'([^']+)'", missing.group(1))
+        return (f"The data has no column {' or '.join(map(repr, absent))}: add it to the data set (every column "
+                f"reaches the rewards under its own name), or rename the parameter to a column it has")
+    if unexpected := re.search(r"unexpected keyword argument '([^']+)'", message):
+        return (f"Add **kwargs to its parameters: every reward gets TRL's arguments and every column "
+                f"({unexpected.group(1)!r} here), e.g. def {func_name}(completions, <the columns it needs>, **kwargs)")
+    return ("Fix the reward: write it as def reward(completions, <the columns it needs>, **kwargs), returning one "
+            "float per completion")

@@ -12,8 +12,16 @@ import errno
 import logging
 import os
 import sys
+from pathlib import Path
 
-import torch
+if __name__ == "__main__":
+    # Python puts the script's own folder first on sys.path, where trainer/rewards.py, data.py, model.py would
+    # shadow a user's module of the same name (REWARD_FUNCS=rewards.my_fn): the package's folder instead.
+    HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
 from transformers import ProgressCallback
 
 from trainer.checkpoints import checkpoints_newest_first, latest_intact_checkpoint
