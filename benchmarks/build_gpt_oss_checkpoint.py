@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Write a random-weight checkpoint with the exact gpt-oss-20b layout, as published: MoE experts as MXFP4 blocks
-and scales (uint8), everything else bf16, with its `quantization_config`; plus a word-level tokenizer over the
-whole vocabulary. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer the same
-dequantizing load.
+and scales (uint8), everything else bf16, with its `quantization_config`; plus GPT-OSS's real tokenizer, chat
+template and generation config (scripts/gpt_oss_tokenizer.py), so that vLLM samples real token IDs and the trainer
+reads them in the harmony format. vLLM then runs the same MXFP4 MoE path as with the real weights, and the trainer
+the same dequantizing load.
 
-    python benchmarks/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda]
+    python benchmarks/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda] [--tokenizer real|word]
+
+`--tiny` keeps a word-level tokenizer over a 512-token vocabulary unless `--tokenizer real` asks for the real one
+(and so the real vocabulary of 201,088 tokens). `--tokenizer-dir` takes a directory that
+`scripts/gpt_oss_tokenizer.py` wrote (on a machine without bpe-openai and TRL, which rebuild it).
 
 `write_dense_copy` (`gpu.sh dense-copy`) writes the same model with its experts dequantized to plain bf16 weights
 (no `quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
@@ -29,9 +34,13 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.gpt_oss_tokenizer import build as build_gpt_oss_tokenizer, copy_into  # noqa: E402
 from scripts.random_models import save_word_tokenizer  # noqa: E402
 
-GPT_OSS_20B = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+REAL_VOCAB = 201088
+# the real tokenizer's <|startoftext|>, <|return|> and <|endoftext|>, as the published config has them
+REAL_SPECIAL_IDS = {"bos_token_id": 199998, "eos_token_id": 200002, "pad_token_id": 199999}
+GPT_OSS_20B = dict(vocab_size=REAL_VOCAB, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
                    num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
                    num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
                    rope_theta=150000.0, rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True,
@@ -65,7 +74,8 @@ def mxfp4(experts: int, rows: int, cols: int, device, generator, scale_exp: int 
 
 
 def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_std: float,
-          router_std: float, expert_scale_exp: int = -9) -> None:
+          router_std: float, expert_scale_exp: int = -9, tokenizer_dir: Path | None = None) -> None:
+    """With `tokenizer_dir` (scripts/gpt_oss_tokenizer.py's files), the real tokenizer; else a word-level one."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
     H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"]
@@ -102,6 +112,10 @@ def build(out: Path, shape: dict, device: str, seed: int, init_std: float, head_
           "lm_head.weight": normal(shape["vocab_size"], H, std=head_std)},
          f"model-{layers + 1:05d}-of-{layers + 1:05d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
+    if tokenizer_dir is not None:
+        (out / "config.json").write_text(json.dumps({**config_dict(shape), **REAL_SPECIAL_IDS}, indent=1))
+        copy_into(out, tokenizer_dir)
+        return
     (out / "config.json").write_text(json.dumps(config_dict(shape), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
     save_word_tokenizer(out, shape["vocab_size"])
@@ -148,11 +162,23 @@ def main() -> None:
     parser.add_argument("--expert-scale-exp", type=int,
                         help="MXFP4 scale of every expert block, 2^this: expert weights up to 6 x 2^this "
                              "(default -9; -7 with --tiny)")
+    parser.add_argument("--tokenizer", choices=("real", "word"),
+                        help="GPT-OSS's real tokenizer (the default; with --tiny the vocabulary grows to 201,088) "
+                             "or a word-level one over the vocabulary (the default with --tiny)")
+    parser.add_argument("--tokenizer-dir", type=Path,
+                        help="the real tokenizer's files as scripts/gpt_oss_tokenizer.py writes them (default: "
+                             "rebuilt there, which needs bpe-openai, tokenizers and trl)")
     args = parser.parse_args()
+    real = (args.tokenizer or ("word" if args.tiny else "real")) == "real"
+    shape = TINY if args.tiny else GPT_OSS_20B
+    tokenizer_dir = None
+    if real:
+        shape = {**shape, "vocab_size": REAL_VOCAB}
+        tokenizer_dir = args.tokenizer_dir or build_gpt_oss_tokenizer()
     init_std = args.init_std if args.init_std is not None else (0.02 if args.tiny else 0.004)
     expert_scale_exp = args.expert_scale_exp if args.expert_scale_exp is not None else (-7 if args.tiny else -9)
-    build(args.out, TINY if args.tiny else GPT_OSS_20B, args.device, args.seed, init_std, args.head_std,
-          args.router_std, expert_scale_exp)
+    build(args.out, shape, args.device, args.seed, init_std, args.head_std, args.router_std, expert_scale_exp,
+          tokenizer_dir)
     print(f"wrote {args.out}")
 
 

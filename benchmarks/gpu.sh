@@ -3,7 +3,9 @@
 # installed (VLLM_PYTHON, TRAINER_PYTHON: their interpreters, default python3). Each command is one question:
 #
 #   gpu.sh setup [NAME=VALUE ...]
-#                     build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download), start vLLM with
+#                     build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download; GPT-OSS's real
+#                     tokenizer, from TOKENIZER_DIR if set: `python scripts/gpt_oss_tokenizer.py DIR` writes one
+#                     where bpe-openai and TRL are installed), start vLLM with
 #                     exactly the compose entrypoint's flags (overrides of .env.example after them, e.g.
 #                     VLLM_TENSOR_PARALLEL_SIZE=1 on one GPU), wait for health
 #   gpu.sh train [NAME=VALUE ...]
@@ -165,7 +167,8 @@ case "${1:-}" in
     wait_health 420
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,used_memory --format=csv > "$OUT/memory-two-servers.csv" ;;
   setup)
-    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda
+    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda \
+      ${TOKENIZER_DIR:+--tokenizer-dir "$TOKENIZER_DIR"}
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
     start_vllm "${@:2}"
     wait_health 420

@@ -21,3 +21,9 @@ def known_word_fraction(completions, **kwargs):
 
 def always_raises(completions, **kwargs):
     raise RuntimeError("broken reward")
+
+
+def low_id_fraction(completions, completion_ids, **kwargs):
+    """Fraction of a completion's token IDs below 100,000: varies across a random model's completions over GPT-OSS's
+    vocabulary, whose harmony format a random model never writes (so its final channel is always empty)."""
+    return [sum(t < 100_000 for t in ids) / max(len(ids), 1) for ids in completion_ids]

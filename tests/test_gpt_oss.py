@@ -22,6 +22,9 @@ from conftest import REPO, start_server
 from benchmarks.build_gpt_oss_checkpoint import write_dense_copy
 from benchmarks.logprob_agreement import completion_logprobs
 from trainer.config import Settings
+from trainer.grpo import MeasuredGRPOTrainer
+from trainer.harmony import pin_prompt_template
+from trainer.ranks import Ranks
 from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
@@ -68,6 +71,45 @@ def test_one_grpo_step_with_lora_on_gpt_oss(mxfp4_checkpoint, tmp_path):
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     for module in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert f"base_model.model.model.layers.1.self_attn.{module}.lora_B.weight" in weights
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k), "the step did not move the adapter"
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer_checkpoint(tmp_path_factory, gpt_oss_tokenizer_dir):
+    path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-real-tokenizer"
+    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny",
+                    "--tokenizer", "real", "--tokenizer-dir", str(gpt_oss_tokenizer_dir)], check=True,
+                   capture_output=True)
+    return path
+
+
+def test_one_grpo_step_on_gpt_oss_with_its_real_tokenizer(real_tokenizer_checkpoint, tmp_path):
+    """The stack's trainer class (harmony parsing, its metrics) on GPT-OSS's architecture, real vocabulary and
+    prompts; transformers samples, as above."""
+    model = load_model(str(real_tokenizer_checkpoint), "float32", "eager", 30, gradient_checkpointing=True)
+    assert model.config.vocab_size == 201088
+    tokenizer = load_tokenizer(str(real_tokenizer_checkpoint))
+    assert pin_prompt_template(tokenizer, "2026-12-07")
+    dataset = load_prompts("sample", "", "train", "Solve it.").select(range(4))
+    settings = Settings.from_env({"RUNS_DIR": str(tmp_path), "GRADIENT_ACCUMULATION_STEPS": "4",
+                                  "NUM_GENERATIONS": "4", "MAX_COMPLETION_LENGTH": "12", "MAX_STEPS": "1",
+                                  "LEARNING_RATE": "0.05", "WARMUP_STEPS": "0", "REPORT_TO": "none"})
+    args = grpo_config(settings, use_cpu=True)
+    args.use_vllm = False
+    trainer = MeasuredGRPOTrainer(ranks=Ranks(), model=model, processing_class=tokenizer, args=args,
+                                  train_dataset=dataset,
+                                  reward_funcs=load_rewards(("tests.rewards.low_id_fraction", "final_number")),
+                                  peft_config=lora_config(4, 8, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    trainer.train()
+    history = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor(history["loss"])) and history["grad_norm"] > 0
+    # a random model writes no harmony: no final answer, so the answer reward scores 0 and nothing raises
+    assert history["completions/no_final_ratio"] == 1.0 and history["rewards/final_number_reward/mean"] == 0.0
+    assert history["completions/mean_final_length"] == 0.0
+    prompt = tokenizer.decode(trainer._tokenize_prompts([dataset[0]["prompt"]])[0][0])
+    assert prompt.startswith("<|start|>system<|message|>") and "Current date: 2026-12-07" in prompt
+    trainer.save_model(str(tmp_path / "adapter"))
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k), "the step did not move the adapter"
 
 
