@@ -15,6 +15,7 @@ as TRL's dapo loss is. `compare` prints each tensor's largest difference relativ
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,7 +40,7 @@ def gradients(args):
 
     ranks = start_ranks(3600)
     model = load_model(args.checkpoint, args.dtype, args.attn_implementation, args.gpu_memory_budget_gib,
-                       gradient_checkpointing=True, for_ranks=ranks.distributed)
+                       gradient_checkpointing=True, for_ranks=ranks.distributed, experts_format=args.experts_format)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     torch.manual_seed(0)  # lora_A's initialisation: the same in both layouts
@@ -101,7 +102,10 @@ def main() -> None:
     parser.add_argument("--attn-implementation", default="eager")
     parser.add_argument("--gpu-memory-budget-gib", type=float, default=30.0)
     parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--experts-format", default="auto", help="EXPERTS_FORMAT: auto, mxfp4 (ranks hold the model "
+                                                                 "whole) or bf16 (ranks shard it)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # how the ranks hold the model
     grads, ranks = gradients(args)
     if (args.layout == "ranks") != ranks.distributed:
         raise SystemExit(f"layout {args.layout} with {ranks.world_size} processes: ranks runs under torchrun")

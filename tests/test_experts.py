@@ -196,3 +196,32 @@ def test_the_microstep_benchmark_runs_at_toy_size(tmp_path):
         assert rows[name]["logprobs_rel_error"] < 1e-3 and rows[name]["lora_grad_rel_error_max"] < 1e-2, rows[name]
     assert rows["bf16_lean"]["logprobs_rel_error"] == 0 and rows["bf16_lean"]["lora_grad_rel_error_max"] == 0
     assert all(r["tok_per_s"] > 0 for r in rows.values())
+
+
+@pytest.mark.parametrize("experts_format", ["auto", "bf16"])
+def test_two_ranks_train_the_gradients_of_one_process(mxfp4_checkpoint, tmp_path, experts_format):
+    """Two gloo ranks: with the experts in MXFP4 each holds the model whole (no FSDP2), with bf16 experts FSDP2
+    shards it; either way the batch's LoRA gradients are one process's (benchmarks/grad_agreement.py)."""
+    from conftest import free_port
+
+    script = str(REPO / "benchmarks/grad_agreement.py")
+    common = ["--dtype", "float32", "--tokens", "24", "--sequences", "4", "--experts-format", experts_format]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    one = subprocess.run([sys.executable, script, str(mxfp4_checkpoint), "split", str(tmp_path / "one.pt"), *common],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), script, str(mxfp4_checkpoint), "ranks",
+                          str(tmp_path / "two.pt"), *common],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    log = two.stdout + two.stderr
+    if experts_format == "auto":
+        assert "frozen base kept whole on each of 2 ranks" in log and "FSDP2:" not in log
+    else:
+        assert "FSDP2: 2 decoder layers sharded over 2 ranks" in log
+    first, second = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert first.keys() == second.keys() and len(first) == 16
+    for name, grad in first.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(second[name], grad, rtol=1e-4, atol=1e-6, msg=name)
