@@ -227,3 +227,11 @@ def test_the_trainer_command_stops_a_wrong_env_in_seconds_with_no_server_at_all(
     assert "my_rewards.strict" in result.stderr and "'foo_proj' matches no module" in result.stderr
     assert seconds < 60, seconds  # interpreter, torch and the checks; the server's wait would be 1800 s
     print(f"exit 2 after {seconds:.1f} s")
+
+
+def test_the_placeholder_completion_has_the_training_shape():
+    dataset = load_prompts("sample", "", "train", "")
+    (completion, *_), prompts = trial_arguments(dataset)["completions"], trial_arguments(dataset)["prompts"]
+    assert isinstance(prompts[0], list) and len(completion) == 1
+    assert (completion[0]["role"], type(completion[0]["content"])) == ("assistant", str)
+    assert completion[0]["thinking"] == ""  # a key a model's completions may add reads as empty, not KeyError

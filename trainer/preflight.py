@@ -217,13 +217,21 @@ def reward_call_problems(names: tuple[str, ...], loaded: dict) -> list[str]:
     return problems
 
 
+class PlaceholderMessage(dict):
+    """The placeholder's assistant message: role and content, and an empty text for any other key a model's
+    completions may carry (a reward reading one must not fail the start as if a column were missing)."""
+
+    def __missing__(self, key):
+        return ""
+
+
 def trial_arguments(dataset) -> dict:
     """What TRL's GRPOTrainer passes a reward function for these rows, with a placeholder completion each."""
     from transformers import TrainerState
 
     rows = dataset.select(range(min(TRIAL_ROWS, len(dataset))))
     prompts = rows["prompt"]
-    completions = [[{"role": "assistant", "content": PLACEHOLDER_COMPLETION}] if isinstance(prompt, list)
+    completions = [[PlaceholderMessage(role="assistant", content=PLACEHOLDER_COMPLETION)] if isinstance(prompt, list)
                    else PLACEHOLDER_COMPLETION for prompt in prompts]
     columns = {column: rows[column] for column in rows.column_names if column != "prompt"}
     return dict(prompts=prompts, completions=completions, completion_ids=[[0] for _ in prompts], **columns,
