@@ -122,3 +122,13 @@ def test_compose_services_the_readme_runs_exist():
     named = set(re.findall(r"docker compose (?:--profile \w+ )?(?:run --rm (?:--no-deps )?|up -d |logs -f |stop |start )([a-z][\w-]+)", readme))
     assert {"fetch-weights", "trainer", "tensorboard"} <= named
     assert named <= services.keys(), named - services.keys()
+
+
+def test_readme_stays_an_operators_guide():
+    """The operator's path in the README, the evidence in docs/ and BENCHMARKS.md: at most 2,500 words."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.split()) <= 2500, len(readme.split())
+    order = [readme.index(f"\n## {name}") for name in ("Prerequisites", "Two commands", "Watching a run",
+                                                         "Your own data and rewards", "Stop, resume, restart",
+                                                         "Troubleshooting")]
+    assert order == sorted(order)
