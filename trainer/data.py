@@ -196,7 +196,8 @@ def to_prompts(raw: datasets.Dataset, system_prompt: str, setting: str = "DATASE
     answer_field = next((f for f in ANSWER_FIELDS if f in raw.column_names), None)
     if question_field is None:
         raise DatasetError(f"{setting}: the data set has columns {raw.column_names}; it needs one of "
-                           f"{QUESTION_FIELDS} (and one of {ANSWER_FIELDS} for the rewards that compare with an answer)")
+                           f"{QUESTION_FIELDS} (and one of {ANSWER_FIELDS} for the rewards that compare with an "
+                           "answer)")
     reserved = [c for c in raw.column_names if c in RESERVED_COLUMNS]
     if reserved:
         log.warning("%s: left out the column(s) %s: TRL gives rewards arguments of these names itself; rename "

@@ -2,8 +2,8 @@
 VLLM_WAIT_TIMEOUT): the settings, the runs directory, the reward names, the training and evaluation data and every
 row of a data file, MODEL_NAME, LORA_TARGET_MODULES against the model's own modules, and ATTN_IMPLEMENTATION against
 the model and the GPUs, and each reward called once on a few rows of the data with a placeholder completion (a
-reward that cannot take the data's columns would score 0 on every batch). Every problem is reported at once, each naming its setting and the fix; the entry script
-exits 2 on any.
+reward that cannot take the data's columns would score 0 on every batch). Every problem is reported at once, each
+naming its setting and the fix; the entry script (and `launch.py --check`) exits 2 on any.
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ def reward_call_problem(name: str, func, source: str, dataset) -> str | None:
         scores = func(**arguments)
     except (TypeError, KeyError) as exc:
         frame = traceback.extract_tb(exc.__traceback__)[-1]
-        where = "" if Path(frame.filename).resolve() == Path(__file__).resolve() else f" (at {Path(frame.filename).name}:{frame.lineno})"
+        inside = Path(frame.filename).resolve() != Path(__file__).resolve()  # else: the call itself failed
+        where = f" (at {Path(frame.filename).name}:{frame.lineno})" if inside else ""
         fix = call_fix(exc, columns, getattr(func, "__name__", "reward"))
         return (f"REWARD_FUNCS: reward {name!r} cannot be called with the data's columns: {type(exc).__name__}: "
                 f"{exc}{where}; {given}. {fix}")
