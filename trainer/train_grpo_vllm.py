@@ -30,6 +30,7 @@ from trainer.data import DatasetError
 from trainer.evaluation import Evaluator
 from trainer.generation import ServerGeneration, ServerRecovery
 from trainer.grpo import AdapterSyncGRPOTrainer
+from trainer.harmony import HarmonyTokens, pin_prompt_template, run_prompt_date
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.preflight import checked_settings
 from trainer.ranks import Ranks, start_ranks
@@ -96,6 +97,15 @@ def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
              s.sequences_per_round, s.steps_per_round, s.max_off_policy_steps,
              "the next round is sampled while a step trains" if s.max_off_policy_steps else "synchronous")
     tokenizer = load_tokenizer(s.model_name)
+    if HarmonyTokens.of(tokenizer) is not None:
+        date = ranks.on_main(lambda: run_prompt_date(s.run_dir))
+        if pin_prompt_template(tokenizer, date):
+            log.info("prompts in GPT-OSS's harmony format as openai-harmony renders them, dated %s (the run's "
+                     "first start); completions reach the rewards as their final channel", date)
+        else:
+            log.warning("the tokenizer has harmony's tokens but not the gpt-oss chat template: prompts are rendered "
+                        "with its own template, dated as it dates them; completions reach the rewards as their "
+                        "final channel")
     dataset = training_prompts(s, tokenizer)  # prompts too long for MAX_PROMPT_LENGTH are found before the wait
     ranks.on_main(lambda: check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested)))
 
