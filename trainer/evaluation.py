@@ -42,7 +42,7 @@ class Evaluator(TrainerCallback):
             return
         try:
             self.generation.sync_weights()  # by every rank; then rank 0 samples and every rank gets the metrics
-            self.metrics.add(self.generation.ranks.on_main(lambda: self.evaluate(state.global_step)))
+            self.metrics.add(self.generation.ranks.on_main(lambda: self.evaluate(state.global_step, state)))
         except StopRequested:  # the stop callback saves this step and ends the run
             log.warning("evaluation at step %d skipped: stop requested while waiting for the server",
                         state.global_step)
@@ -57,7 +57,7 @@ class Evaluator(TrainerCallback):
                       state.global_step, state.global_step)
             raise self.failure
 
-    def evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int, trainer_state=None) -> dict:
         start = time.perf_counter()
         completions = self.generation.sample("evaluation", self.prompt_ids, n=1)
         columns = {k: self.dataset[k] for k in self.dataset.column_names if k != "prompt"}
@@ -72,7 +72,10 @@ class Evaluator(TrainerCallback):
                             harmony.completion_metrics(parsed, columns.get("solution")).items()})
         total = [0.0] * len(messages)
         for func, weight in zip(self.reward_funcs, self.reward_weights):
-            scores = func(completions=messages, prompts=self.dataset["prompt"], **columns)
+            # the arguments TRL gives a reward in training, so that a reward that passed the start's check runs here
+            scores = func(completions=messages, prompts=self.dataset["prompt"], **columns,
+                          completion_ids=[c.token_ids for c in completions], trainer_state=trainer_state,
+                          log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
             scores = [0.0 if s is None else s for s in scores]
             metrics[f"eval/rewards/{func.__name__}/mean"] = sum(scores) / len(scores)
             total = [t + weight * s for t, s in zip(total, scores)]
