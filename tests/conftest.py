@@ -41,6 +41,19 @@ def gpt_oss_tokenizer_dir() -> Path:
     return build()
 
 
+def build_tiny_gpt_oss(path: Path, *args: str) -> Path:
+    """benchmarks/build_gpt_oss_checkpoint.py --tiny: GPT-OSS's architecture (MoE, sinks, sliding window) at toy
+    size, its experts in the published MXFP4 layout."""
+    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny", *args],
+                   check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mxfp4_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_gpt_oss(tmp_path_factory.mktemp("models") / "tiny-gpt-oss-mxfp4")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_dense(tmp_path_factory.mktemp("models") / "tiny-dense")

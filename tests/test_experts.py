@@ -18,14 +18,6 @@ from trainer.config import SettingsError
 from trainer.model import load_model, lora_config
 
 
-@pytest.fixture(scope="module")
-def mxfp4_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-mxfp4"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny"],
-                   check=True, capture_output=True)
-    return path
-
-
 def random_mxfp4(experts_: int, rows: int, groups: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randint(0, 256, (experts_, rows, groups, 16), dtype=torch.uint8, generator=g)

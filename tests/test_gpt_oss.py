@@ -8,9 +8,6 @@ stack's. A real vLLM server serves the same model without LoRA to check that bot
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import json
 
 import pytest
@@ -18,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from trl import GRPOTrainer
 
-from conftest import REPO, start_server
+from conftest import build_tiny_gpt_oss, start_server
 from benchmarks.build_gpt_oss_checkpoint import write_dense_copy
 from benchmarks.logprob_agreement import completion_logprobs
 from trainer.config import Settings
@@ -29,14 +26,6 @@ from trainer.data import load_prompts
 from trainer.model import load_model, load_tokenizer, lora_config
 from trainer.rewards import load_rewards
 from trainer.recipe import grpo_config
-
-
-@pytest.fixture(scope="module")
-def mxfp4_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-mxfp4"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny"],
-                   check=True, capture_output=True)
-    return path
 
 
 def test_mxfp4_checkpoint_loads_dequantized_with_nothing_missing(mxfp4_checkpoint):
@@ -76,11 +65,8 @@ def test_one_grpo_step_with_lora_on_gpt_oss(mxfp4_checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_tokenizer_checkpoint(tmp_path_factory, gpt_oss_tokenizer_dir):
-    path = tmp_path_factory.mktemp("models") / "tiny-gpt-oss-real-tokenizer"
-    subprocess.run([sys.executable, str(REPO / "benchmarks/build_gpt_oss_checkpoint.py"), str(path), "--tiny",
-                    "--tokenizer", "real", "--tokenizer-dir", str(gpt_oss_tokenizer_dir)], check=True,
-                   capture_output=True)
-    return path
+    return build_tiny_gpt_oss(tmp_path_factory.mktemp("models") / "tiny-gpt-oss-real-tokenizer",
+                              "--tokenizer", "real", "--tokenizer-dir", str(gpt_oss_tokenizer_dir))
 
 
 def test_one_grpo_step_on_gpt_oss_with_its_real_tokenizer(real_tokenizer_checkpoint, tmp_path):
