@@ -39,16 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer import attention, experts  # noqa: E402  (registers fa4 and the lean experts with transformers)
+from benchmarks.build_gpt_oss_checkpoint import GPT_OSS_20B, TINY  # noqa: E402  (the same shapes)
 
-GPT_OSS_20B = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
-                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
-                   num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rope_theta=150000.0,
-                   rms_norm_eps=1e-5, swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False,
-                   rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                                 "original_max_position_embeddings": 4096, "truncate": False})
-TINY = dict(GPT_OSS_20B, vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=8, max_position_embeddings=4096)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LOGIT_SLICE = 64  # positions whose whole logits row is compared (all 4,096 would take 3 GiB in float32)
 

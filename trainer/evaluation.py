@@ -17,6 +17,7 @@ from . import harmony
 from .data import prompt_token_ids
 from .generation import ServerGeneration
 from .metrics import StepMetrics
+from .rewards import reward_arguments
 from .run_log import format_reward
 from .vllm_client import ServerUnavailable, StopRequested
 
@@ -57,7 +58,7 @@ class Evaluator(TrainerCallback):
                       state.global_step, state.global_step)
             raise self.failure
 
-    def evaluate(self, step: int, trainer_state=None) -> dict:
+    def evaluate(self, step: int, trainer_state) -> dict:
         start = time.perf_counter()
         completions = self.generation.sample("evaluation", self.prompt_ids, n=1)
         columns = {k: self.dataset[k] for k in self.dataset.column_names if k != "prompt"}
@@ -72,10 +73,8 @@ class Evaluator(TrainerCallback):
                             harmony.completion_metrics(parsed, columns.get("solution")).items()})
         total = [0.0] * len(messages)
         for func, weight in zip(self.reward_funcs, self.reward_weights):
-            # the arguments TRL gives a reward in training, so that a reward that passed the start's check runs here
-            scores = func(completions=messages, prompts=self.dataset["prompt"], **columns,
-                          completion_ids=[c.token_ids for c in completions], trainer_state=trainer_state,
-                          log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
+            scores = func(**reward_arguments(self.dataset["prompt"], messages, [c.token_ids for c in completions],
+                                             columns, trainer_state))
             scores = [0.0 if s is None else s for s in scores]
             metrics[f"eval/rewards/{func.__name__}/mean"] = sum(scores) / len(scores)
             total = [t + weight * s for t, s in zip(total, scores)]

@@ -108,7 +108,7 @@ def parse(token_ids: list[int], tokens: HarmonyTokens, decode) -> HarmonyComplet
         if tokens.channel not in header:
             parsed.malformed = True
             break
-        channel, recipient = _header_fields(decode(header), decode)
+        channel, recipient = _header_fields(decode(header))
         content_start = header_end + 1
         content_end = next((i for i in range(content_start, len(token_ids)) if token_ids[i] in tokens.special),
                            len(token_ids))
@@ -138,7 +138,7 @@ HEADER_FIELDS = re.compile(r"<\|channel\|>\s*(?P<channel>[^\s<]*)")
 RECIPIENT = re.compile(r"\bto=(?P<to>[^\s<]+)")
 
 
-def _header_fields(header_text: str, decode) -> tuple[str, str]:
+def _header_fields(header_text: str) -> tuple[str, str]:
     """Channel and recipient of a header such as `<|channel|>commentary to=functions.f <|constrain|>json`."""
     channel = HEADER_FIELDS.search(header_text)
     recipient = RECIPIENT.search(header_text)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping
 from .attention import attention_problems, resolved_attn_implementation
 from .config import Settings, SettingsError
 from .data import DatasetError, eval_data_source, is_hub_name, load_prompts
-from .rewards import resolve, reward_problems
+from .rewards import resolve, reward_arguments, reward_problems
 
 
 def checked_settings(environ: Mapping[str, str]) -> Settings:
@@ -203,10 +203,10 @@ def model_load_problem(shown: str, exc: Exception, hub_unreachable: str | None) 
 # ---------------------------------------------------------------- the rewards' trial call
 def reward_call_problems(names: tuple[str, ...], loaded: dict) -> list[str]:
     """Call each reward once on the first rows of each data set that loaded, with a placeholder completion and the
-    arguments TRL gives it in training (prompts, completions, completion_ids, every column by name, trainer_state,
-    log_extra, log_metric). A reward that cannot be called so (TypeError: a parameter no column fills, or one it
-    does not accept; KeyError: a column it reads that the data lacks), or that returns no score per completion, is
-    a problem; one that raises anything else is only warned about: the placeholder is no real completion."""
+    arguments TRL gives it in training (rewards.reward_arguments). A reward that cannot be called so (TypeError: a
+    parameter no column fills, or one it does not accept; KeyError: a column it reads that the data lacks), or that
+    returns no score per completion, is a problem; one that raises anything else is only warned about: the
+    placeholder is no real completion."""
     problems = []
     for name in dict.fromkeys(names):
         func = resolve(name)
@@ -234,16 +234,14 @@ def trial_arguments(dataset) -> dict:
     completions = [[PlaceholderMessage(role="assistant", content=PLACEHOLDER_COMPLETION)] if isinstance(prompt, list)
                    else PLACEHOLDER_COMPLETION for prompt in prompts]
     columns = {column: rows[column] for column in rows.column_names if column != "prompt"}
-    return dict(prompts=prompts, completions=completions, completion_ids=[[0] for _ in prompts], **columns,
-                trainer_state=TrainerState(), log_extra=lambda *args, **kwargs: None,
-                log_metric=lambda *args, **kwargs: None)
+    return reward_arguments(prompts, completions, [[0] for _ in prompts], columns, TrainerState())
 
 
 def reward_call_problem(name: str, func, source: str, dataset) -> str | None:
     arguments = trial_arguments(dataset)
     columns = [c for c in dataset.column_names if c != "prompt"]
-    given = f"it was given completions, prompts, completion_ids, trainer_state, log_extra, log_metric and the " \
-            f"columns of {source}: {', '.join(columns) or '(none but prompt)'}"
+    given = f"it was given {', '.join(a for a in arguments if a not in columns)} and the columns of {source}: " \
+            f"{', '.join(columns) or '(none but prompt)'}"
     try:
         scores = func(**arguments)
     except (TypeError, KeyError) as exc:

@@ -72,6 +72,19 @@ class RewardError(ValueError):
     pass
 
 
+def _no_op(*args, **kwargs) -> None:
+    pass
+
+
+def reward_arguments(prompts: list, completions: list, completion_ids: list[list[int]], columns: dict,
+                     trainer_state) -> dict:
+    """The keyword arguments TRL's GRPOTrainer gives every reward function (its `_calculate_rewards`): the prompts,
+    the completions and their token IDs, every data column under its own name, the trainer's state, and its two
+    logging hooks (no-ops outside TRL's own call). The start-up check and evaluation call rewards with the same."""
+    return dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
+                trainer_state=trainer_state, log_extra=_no_op, log_metric=_no_op)
+
+
 def tolerant(func: Callable) -> Callable:
     """Wrap `func` so an exception scores 0 for the batch and is counted in `wrapper.failures`."""
     @functools.wraps(func)
