@@ -10,14 +10,18 @@ each layer's forward, are checked against weights the kernel did not make. Varia
   bf16_grouped_mm        transformers 5.17's default experts (grouped_mm), bf16 weights: the stack before
   bf16_lean              the lean experts forward (no expert-parallel masking), bf16 weights
   mxfp4_grouped_mm       experts kept in MXFP4, dequantized per layer, transformers' grouped_mm forward
-  mxfp4_lean             experts kept in MXFP4, the lean forward: the trainer's path (EXPERTS_FORMAT=auto)
-  mxfp4_lean_compiled    the same with torch.compile of the experts' forward (reported as failed if it fails)
-  mxfp4_lean_lora_bf16   the trainer's path with the LoRA matrices in bf16 (PEFT keeps them in float32)
-  no_grad_forward        a no-grad forward of the trainer's path: what TRL's old-logprob pass costs per sequence
+  mxfp4_lean             experts kept in MXFP4, the lean forward
+  mxfp4_fused            experts kept in MXFP4, the fused forward (trainer/fused_experts.py)
+  mxfp4_fused_lora_bf16  the same with the LoRA matrices in bf16 (PEFT keeps them in float32)
+  no_grad_forward        a no-grad forward of the fused path: what TRL's old-logprob pass costs per sequence
+  mxfp4_lean_compiled    the lean forward under torch.compile (reported as failed if it fails)
+  mxfp4_fused_compiled_layers
+                         the fused path with every decoder layer under torch.compile (likewise)
 
 Each is timed (median of --repeats after warm-up), with its peak memory, and compared with bf16_grouped_mm on the
 same tokens: the relative error of the sampled tokens' logprobs and of a slice of the logits, and of every LoRA
-gradient. The bf16 variants run first, with the MXFP4 copies also resident; the bf16 weights are then freed, so
+gradient. The variants named by --profile get one more micro-step under torch.profiler: the GPU time of the
+kernels, by name, the costliest first. The bf16 variants run first, with the MXFP4 copies also resident; the bf16 weights are then freed, so
 the MXFP4 variants' memory is the model as the trainer holds it.
 
     python benchmarks/bench_microstep.py --out microstep.json            # one H100: about 3 minutes
@@ -38,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer import attention, experts  # noqa: E402  (registers fa4 and the lean experts with transformers)
+from trainer import attention, experts, fused_experts  # noqa: E402,F401  (register fa4, lean and fused)
 from benchmarks.build_gpt_oss_checkpoint import GPT_OSS_20B, TINY  # noqa: E402  (the same shapes)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -145,7 +149,29 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def run(model, name: str, ids, device, repeats: int, reference: dict | None, backward: bool = True) -> dict:
+def kernel_profile(model, ids, device, backward: bool, top: int = 40) -> dict:
+    """One micro-step under torch.profiler: GPU time per kernel name, the costliest `top`, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.set_grad_enabled(backward):
+            micro_step(model, ids, backward)
+        synchronize(device)
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 1e3
+            entry[1] += 1
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])
+    return {"gpu_ms": round(sum(ms for ms, _ in kernels.values()), 2), "kernels": len(kernels),
+            "launches": sum(n for _, n in kernels.values()),
+            "top": [{"ms": round(ms, 3), "calls": n, "name": name[:160]} for name, (ms, n) in ranked[:top]]}
+
+
+def run(model, name: str, ids, device, repeats: int, reference: dict | None, backward: bool = True,
+        profile: bool = False) -> dict:
     row = {"variant": name}
     try:
         model.zero_grad(set_to_none=True)
@@ -185,13 +211,15 @@ def run(model, name: str, ids, device, repeats: int, reference: dict | None, bac
                 row.update(lora_grad_rel_error_max=errors[-1], lora_grad_rel_error_median=errors[len(errors) // 2],
                            lora_grads=len(errors))
         row["loss"] = -logps.mean().item()
+        if profile and device.type == "cuda":
+            row["profile"] = kernel_profile(model, ids, device, backward)
         row["_outputs"] = {"logps": logps, "logits": logits, "grads": grads}
     except Exception as exc:  # a variant that cannot run here is reported, not fatal
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-    printable = {k: v for k, v in row.items() if k != "_outputs"}
+    printable = {k: v for k, v in row.items() if k not in ("_outputs", "profile")}
     print(json.dumps(printable), flush=True)
     return row
 
@@ -238,6 +266,8 @@ def main() -> None:
                                                        "eager), fa4, eager")
     parser.add_argument("--repeats", type=int, default=4, help="timed micro-steps per variant")
     parser.add_argument("--skip", default="", help="comma-separated variants to leave out")
+    parser.add_argument("--profile", default="mxfp4_lean,mxfp4_fused",
+                        help="comma-separated variants whose kernels are profiled (GPU only)")
     args = parser.parse_args()
 
     device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
@@ -248,6 +278,7 @@ def main() -> None:
     seq = args.seq or (64 if args.tiny else 4096)
     attn = attention.resolved_attn_implementation(args.attn, "bfloat16") if device.type == "cuda" else "eager"
     skip = set(filter(None, args.skip.split(",")))
+    profiled = set(filter(None, args.profile.split(",")))
 
     import peft
     import transformers
@@ -264,6 +295,7 @@ def main() -> None:
         report["allocated_after_build_gib"] = gib(torch.cuda.memory_allocated(device))
     print(json.dumps(report), flush=True)
     report["dequantize"] = kernel_check(model, device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     ids = torch.randint(0, shape["vocab_size"], (1, seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(2))
 
@@ -274,11 +306,13 @@ def main() -> None:
         if name in skip:
             return
         set_variant(model, weights, implementation)
-        row = run(model, name, ids, device, args.repeats, reference, **kwargs)
+        row = run(model, name, ids, device, args.repeats, reference, profile=name in profiled, **kwargs)
         if reference is None and "error" not in row:
             reference = row["_outputs"]
         row.pop("_outputs", None)
         rows.append(row)
+        report["rows"] = rows
+        args.out.write_text(json.dumps(report, indent=1))  # so far: a later variant may outrun the time limit
 
     variant("bf16_grouped_mm", "bf16", "grouped_mm")
     variant("bf16_lean", "bf16", "lean")
@@ -293,25 +327,27 @@ def main() -> None:
                                           if n.endswith(("_blocks", "_scales"))))
     variant("mxfp4_grouped_mm", "mxfp4", "grouped_mm")
     variant("mxfp4_lean", "mxfp4", "lean")
-    if "mxfp4_lean_compiled" not in skip:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        ALL_EXPERTS_FUNCTIONS.register("lean_compiled", torch.compile(experts.lean_experts_forward, dynamic=True))
-        variant("mxfp4_lean_compiled", "mxfp4", "lean_compiled")
-    if "mxfp4_lean_lora_bf16" not in skip:
+    variant("mxfp4_fused", "mxfp4", "fused")
+    if "mxfp4_fused_lora_bf16" not in skip:
         lora = [p for p in model.parameters() if p.requires_grad]
         kept = [p.data for p in lora]  # restored as they were: a round trip through bf16 would change the model
         for p in lora:
             p.data = p.data.to(torch.bfloat16)
-        variant("mxfp4_lean_lora_bf16", "mxfp4", "lean")
+        variant("mxfp4_fused_lora_bf16", "mxfp4", "fused")
         for p, data in zip(lora, kept):
             p.data = data
-    variant("no_grad_forward", "mxfp4", "lean", backward=False)
-    report["rows"] = rows
+    variant("no_grad_forward", "mxfp4", "fused", backward=False)
+    # compiled last: a compiler failure or a long compile leaves the rows above measured
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if "mxfp4_lean_compiled" not in skip:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+        ALL_EXPERTS_FUNCTIONS.register("lean_compiled", torch.compile(experts.lean_experts_forward, dynamic=True))
+        variant("mxfp4_lean_compiled", "mxfp4", "lean_compiled")
+    if "mxfp4_fused_compiled_layers" not in skip:
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=True)
+        variant("mxfp4_fused_compiled_layers", "mxfp4", "fused")
     print(f"\n{'variant':24s} {'tok/s':>8s} {'s':>7s} {'peak GiB':>9s} {'logp err':>9s} {'grad err max':>12s}")
     for r in rows:
         if "error" in r:

@@ -166,6 +166,24 @@ def test_one_gpu_override_puts_both_services_on_one_card(tmp_path):
     assert "COMPOSE_FILE=docker-compose.yml:docker-compose.one-gpu.yml" in (REPO / "examples/smollm2.env").read_text()
 
 
+def test_gpt_oss_one_gpu_example_puts_a_tp1_server_and_one_trainer_process_on_one_card(tmp_path):
+    example = (REPO / "examples/gpt-oss-20b-one-gpu.env").read_text()
+    assert "COMPOSE_FILE=docker-compose.yml:docker-compose.one-gpu.yml" in example
+    config = compose_config(tmp_path, (REPO / ".env.example").read_text() + example,
+                            "docker-compose.yml", "docker-compose.one-gpu.yml")
+    vllm, trainer = config["services"]["vllm"], config["services"]["trainer"]
+    for service in (vllm, trainer):
+        (devices,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices["device_ids"] == ["0"]
+    command = serve.build_command(container_env(vllm), gpus=1)
+    assert command[command.index("--tensor-parallel-size") + 1] == "1"
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.55"
+    settings, problems = Settings.parse(container_env(trainer))
+    assert problems == []
+    assert (settings.trainer_processes, settings.experts_format, settings.micro_batch_size) == (1, "mxfp4", 1)
+    assert settings.max_prompt_length + settings.max_completion_length <= int(container_env(vllm)["VLLM_MAX_MODEL_LEN"])
+
+
 def test_8gpu_override_gives_each_server_a_gpu_pair_and_the_trainer_all_of_them(tmp_path):
     env = (REPO / ".env.example").read_text() + "GPU_DEVICE_7=9\n"
     config = compose_config(tmp_path, env, "docker-compose.yml", "docker-compose.8gpu.yml")

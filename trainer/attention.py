@@ -102,7 +102,8 @@ def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
 def fa4_varlen_kernel() -> Callable:
     from flash_attn.cute import flash_attn_varlen_func
 
-    return flash_attn_varlen_func
+    # a CuTe DSL kernel, which torch.compile cannot trace: a compiled layer calls it as it is
+    return torch.compiler.disable(flash_attn_varlen_func)
 
 
 AttentionInterface.register(FA4, fa4_attention_forward)
