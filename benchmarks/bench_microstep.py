@@ -162,7 +162,7 @@ def kernel_profile(model, ids, device, backward: bool, top: int = 40) -> dict:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = kernels.setdefault(event.name, [0.0, 0])
-            entry[0] += event.device_time / 1e3
+            entry[0] += event.time_range.elapsed_us() / 1e3
             entry[1] += 1
     ranked = sorted(kernels.items(), key=lambda item: -item[1][0])
     return {"gpu_ms": round(sum(ms for ms, _ in kernels.values()), 2), "kernels": len(kernels),
