@@ -59,6 +59,11 @@ def test_the_triton_kernel_equals_the_reference_in_the_interpreter():
             assert torch.equal(got, experts.dequantize_reference(blocks, scales, dtype)), dtype
         print("equal")
     """)
+    run_in_triton_interpreter(script)
+
+
+def run_in_triton_interpreter(script: str) -> None:
+    """Run `script`, which prints "equal" when its checks pass, with Triton's interpreter on the CPU."""
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "TRITON_INTERPRET": "1",
                                  "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},

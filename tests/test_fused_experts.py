@@ -2,19 +2,12 @@
 against their torch references in Triton's interpreter."""
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
 import torch
 
 from trainer import fused_experts  # noqa: F401  (registers "fused" with transformers)
-from test_experts import experts_module, run_experts
-
-REPO = Path(__file__).resolve().parents[1]
+from test_experts import experts_module, run_experts, run_in_triton_interpreter
 
 
 def routed_tokens(dtype, tokens: int = 37, seed: int = 1):
@@ -79,8 +72,4 @@ def test_the_gate_kernels_equal_their_references_in_the_interpreter():
             assert (want == 0).any() and (want != 0).any()  # clamped entries, and others
         print("equal")
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "1",
-                                 "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
-                            timeout=300)
-    assert result.returncode == 0 and "equal" in result.stdout, result.stderr[-3000:]
+    run_in_triton_interpreter(script)

@@ -115,6 +115,16 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
 
 
 # ---------------------------------------------------------------------------------------------- the lean forward
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
+    """The token-slots sorted by expert: each slot's expert, the sorting permutation, and each expert's end offset
+    in the sorted rows (what a grouped GEMM takes)."""
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    # histc: bincount would break CUDA graphs; histc takes floats on the CPU, integers under CUDA determinism
+    counts = torch.histc(expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int(),
+                         bins=num_experts, min=0, max=num_experts - 1)
+    return expert_ids, perm, torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
 def lean_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward` for experts that are all local (no expert parallelism), with
@@ -122,12 +132,8 @@ def lean_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     from transformers.integrations.moe import _grouped_mm
 
     num_tokens, top_k = top_k_index.shape
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    expert_ids, perm, offsets = sort_by_expert(top_k_index, self.num_experts)
     selected = hidden_states[perm // top_k]
-    # histc: bincount would break CUDA graphs; histc takes floats on the CPU, integers under CUDA determinism
-    counts = torch.histc(expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int(),
-                         bins=self.num_experts, min=0, max=self.num_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     gate_up = _grouped_mm(selected, self.gate_up_proj, offsets) + self.gate_up_proj_bias[expert_ids]
     out = _grouped_mm(self._apply_gate(gate_up), self.down_proj, offsets) + self.down_proj_bias[expert_ids]
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)

@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from .experts import lean_experts_forward
+from .experts import lean_experts_forward, sort_by_expert, triton  # triton None without it: the references run
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the CPU image: the torch reference runs instead
-    triton = None
 
 
 # ---------------------------------------------------------------------------------------------- bias + gate
@@ -196,14 +193,10 @@ def fused_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
 
     if self.gate_up_proj_bias.requires_grad or self.down_proj_bias.requires_grad:
         return lean_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    num_tokens, top_k = top_k_index.shape
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    top_k = top_k_index.shape[1]
+    expert_ids, perm, offsets = sort_by_expert(top_k_index, self.num_experts)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    # histc: bincount would break CUDA graphs; histc takes floats on the CPU, integers under CUDA determinism
-    counts = torch.histc(expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int(),
-                         bins=self.num_experts, min=0, max=self.num_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     selected = _Dispatch.apply(hidden_states, perm, inverse, top_k)
     gate_up = _grouped_mm(selected, self.gate_up_proj, offsets)
     activated = bias_gate(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
