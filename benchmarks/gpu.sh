@@ -87,7 +87,16 @@
 #                     bf16 weights, which an MXFP4 server cannot take) with `trl vllm-serve` on GPU 0 alone, TP 1
 #   gpu.sh train-trl-layout [NAME=VALUE ...]
 #                     `train`, but TRL's usual layout: the whole model on GPU 1, merged weights synced over NCCL each
-#                     step (benchmarks/trl_usual_layout.py); same settings, step line and results files
+#                     step (benchmarks/trl_layouts.py server); same settings, step line and results files
+#   gpu.sh one-gpu [NAME=VALUE ...]
+#                     gpt-oss-20b on one GPU as examples/gpt-oss-20b-one-gpu.env lays it out: the checkpoint built if
+#                     $CKPT is absent, the server (re)started with the example's values (tensor parallel 1, 0.55 of
+#                     the card), then `train` with them, MAX_STEPS=3 and the overrides: each phase's time and tokens/s,
+#                     and the peak memory of both processes on the card, in $OUT/results.md
+#   gpu.sh one-gpu trl-colocate [NAME=VALUE ...]
+#                     the same work in TRL's colocated layout (benchmarks/trl_layouts.py colocate): the server
+#                     stopped, vLLM inside the trainer process with the same share of the card, asleep while it
+#                     trains; the same results files. Give each its own OUT.
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (benchmarks/bench_generation.py)
 #
@@ -113,15 +122,25 @@ env_example() {  # .env.example's non-empty values, as compose passes them to bo
 
 gpu_total_mib() { nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1; }
 
+one_gpu_values() {  # examples/gpt-oss-20b-one-gpu.env's settings, less those this script sets itself
+  grep -E '^[A-Z_]+=' "$REPO/examples/gpt-oss-20b-one-gpu.env" | grep -vE '^(COMPOSE_FILE|MODEL_NAME)='
+}
+
+as_on_80gb() {  # FRACTION: the fraction of this card that is FRACTION of an 80 GB one (the same on an H100)
+  if (($(gpu_total_mib) > 100000)); then
+    python3 -c "print(round($1 * 80 / ($(gpu_total_mib) / 1024), 3))"
+  else
+    echo "$1"
+  fi
+}
+
 start_vllm() {  # [NAME=VALUE ...] overrides of .env.example; kept for a restart by `train`
   if (($#)); then printf '%q ' "$@"; fi > /tmp/vllm-overrides  # nothing when none (an empty '' breaks `export`)
   (
     eval "$(env_example)"
     export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" "$@"
-    # sized for 2 x H100 80 GB even on H200: vLLM takes this fraction of the whole card
-    if (($(gpu_total_mib) > 100000)); then
-      export VLLM_GPU_MEMORY_UTILIZATION=$(python3 -c "print(round(0.35 * 80 / ($(gpu_total_mib) / 1024), 3))")
-    fi
+    # sized for H100 80 GB even on H200: vLLM takes the fraction asked for of an 80 GB card, not of this one
+    export VLLM_GPU_MEMORY_UTILIZATION=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
     echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
     echo "free MiB per GPU at start: $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | paste -sd/)"
     setsid "$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" >> /tmp/vllm.log 2>&1 &
@@ -189,7 +208,21 @@ case "${1:-}" in
       exit 0
     fi
     exec bash "$0" train-one "${@:2}" ;;
-  train-one|train-trl-layout)
+  one-gpu)
+    mapfile -t example < <(one_gpu_values)
+    if [[ -f /tmp/vllm.pid ]]; then kill_vllm; fi
+    if [[ "${2:-}" == trl-colocate ]]; then
+      exec bash "$0" train-trl-colocate "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-trl-colocate-$(date +%s)" \
+        "${@:3}"
+    fi
+    if [[ ! -d $CKPT ]]; then
+      PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda \
+        ${TOKENIZER_DIR:+--tokenizer-dir "$TOKENIZER_DIR"}
+    fi
+    SECONDS=0
+    start_vllm "${example[@]}" "${@:2}"; wait_health 420
+    exec bash "$0" train-one "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-one-gpu-$(date +%s)" "${@:2}" ;;
+  train-one|train-trl-layout|train-trl-colocate)
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,process_name,used_memory --format=csv,noheader -lms 2000 \
       > /tmp/gpu-memory.csv &
     sampler=$!
@@ -211,14 +244,17 @@ case "${1:-}" in
       # a server that died stays dead here (no compose restart): stop waiting for it after 2 minutes
       export MODEL_NAME="$CKPT" VLLM_SERVER_HOST=127.0.0.1 VLLM_SERVER_PORT="$PORT" RUNS_DIR=/tmp/runs \
         DATASET=sample REPORT_TO=none VLLM_WAIT_TIMEOUT=120 PYTHONPATH="$REPO"
-      entry=$REPO/trainer/launch.py
-      python=$TRAINER_PYTHON
+      command=("$TRAINER_PYTHON" "$REPO/trainer/launch.py")
       if [[ $1 == train-trl-layout ]]; then  # the whole model on the second GPU; TRL's client imports vLLM
-        export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70 python=$VLLM_PYTHON
-        entry=$REPO/benchmarks/trl_usual_layout.py
+        export CUDA_VISIBLE_DEVICES=1 GPU_MEMORY_BUDGET_GIB=70
+        command=("$VLLM_PYTHON" "$REPO/benchmarks/trl_layouts.py" server)
       fi
       if (($# > 1)); then export "${@:2}"; fi
-      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" "$python" "$entry"  # the image's WORKDIR
+      if [[ $1 == train-trl-colocate ]]; then  # vLLM inside the trainer, on the first GPU
+        export CUDA_VISIBLE_DEVICES=0 VLLM_GPU_MEMORY_UTILIZATION=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
+        command=("$VLLM_PYTHON" "$REPO/benchmarks/trl_layouts.py" colocate)
+      fi
+      cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" "${command[@]}"  # the image's WORKDIR
     ) > "$OUT/trainer-stdout.log" 2>&1 || echo "trainer exit $?" | tee -a "$OUT/trainer-stdout.log"
     kill $sampler || true
     run=$(ls -td /tmp/runs*/*/ | head -1)  # this call's run (RUNS_DIR=/tmp/runs-... keeps runs apart)
