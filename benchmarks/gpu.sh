@@ -92,7 +92,8 @@
 #                     gpt-oss-20b on one GPU as examples/gpt-oss-20b-one-gpu.env lays it out: the checkpoint built if
 #                     $CKPT is absent, the server (re)started with the example's values (tensor parallel 1, 0.55 of
 #                     the card), then `train` with them, MAX_STEPS=3 and the overrides: each phase's time and tokens/s,
-#                     and the peak memory of both processes on the card, in $OUT/results.md
+#                     and the peak memory of both processes on the card, in $OUT/results.md. Three steps of 128
+#                     sequences may outlast the default TRAIN_TIMEOUT: raise it, or add GRADIENT_ACCUMULATION_STEPS=32
 #   gpu.sh one-gpu trl-colocate [NAME=VALUE ...]
 #                     the same work in TRL's colocated layout (benchmarks/trl_layouts.py colocate): the server
 #                     stopped, vLLM inside the trainer process with the same share of the card, asleep while it
