@@ -127,6 +127,11 @@ one_gpu_values() {  # examples/gpt-oss-20b-one-gpu.env's settings, less those th
   grep -E '^[A-Z_]+=' "$REPO/examples/gpt-oss-20b-one-gpu.env" | grep -vE '^(COMPOSE_FILE|MODEL_NAME)='
 }
 
+build_checkpoint() {  # gpt-oss-20b's shapes, random weights, at $CKPT
+  PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda \
+    ${TOKENIZER_DIR:+--tokenizer-dir "$TOKENIZER_DIR"}
+}
+
 as_on_80gb() {  # FRACTION: the fraction of this card that is FRACTION of an 80 GB one (the same on an H100)
   if (($(gpu_total_mib) > 100000)); then
     python3 -c "print(round($1 * 80 / ($(gpu_total_mib) / 1024), 3))"
@@ -187,8 +192,7 @@ case "${1:-}" in
     wait_health 420
     nvidia-smi --query-compute-apps=gpu_bus_id,pid,used_memory --format=csv > "$OUT/memory-two-servers.csv" ;;
   setup)
-    PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda \
-      ${TOKENIZER_DIR:+--tokenizer-dir "$TOKENIZER_DIR"}
+    build_checkpoint
     du -sh "$CKPT"; echo "checkpoint built at ${SECONDS}s"
     start_vllm "${@:2}"
     wait_health 420
@@ -216,10 +220,7 @@ case "${1:-}" in
       exec bash "$0" train-trl-colocate "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-trl-colocate-$(date +%s)" \
         "${@:3}"
     fi
-    if [[ ! -d $CKPT ]]; then
-      PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/build_gpt_oss_checkpoint.py" "$CKPT" --device cuda \
-        ${TOKENIZER_DIR:+--tokenizer-dir "$TOKENIZER_DIR"}
-    fi
+    if [[ ! -d $CKPT ]]; then build_checkpoint; fi
     SECONDS=0
     start_vllm "${example[@]}" "${@:2}"; wait_health 420
     exec bash "$0" train-one "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-one-gpu-$(date +%s)" "${@:2}" ;;
