@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
         pin_prompt_template(tokenizer, run_prompt_date(s.run_dir))
     dataset = training_prompts(s, tokenizer)
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
-                       s.gradient_checkpointing, experts_format=s.experts_format)
+                       s.gradient_checkpointing, experts_format=s.experts_format, experts_forward=s.experts_forward)
     if config.vllm_mode == "colocate" and config.vllm_enable_sleep_mode and has_mxfp4_experts(model):
         log.info("the experts are kept in MXFP4 buffers, which TRL does not push after a level-2 sleep: vLLM "
                  "sleeps at level 1")

@@ -112,9 +112,9 @@ def test_lean_experts_equal_transformers_grouped_mm_and_eager(dtype):
         torch.testing.assert_close(a.float(), b.float(), **tolerance)
 
 
-def lora_model(checkpoint, experts_format: str):
+def lora_model(checkpoint, experts_format: str, experts_forward: str = "lean"):
     model = load_model(str(checkpoint), "float32", "eager", 30, gradient_checkpointing=True,
-                       experts_format=experts_format)
+                       experts_format=experts_format, experts_forward=experts_forward)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     torch.manual_seed(0)
@@ -165,6 +165,22 @@ def test_the_loaded_model_uses_the_lean_experts_and_float32_experts_in_float32(m
                        experts_format="bf16")
     assert model.config._experts_implementation == "lean"
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+
+
+def test_experts_forward_fused_trains_the_model_as_the_lean_forward_does(mxfp4_checkpoint):
+    """EXPERTS_FORWARD=fused: the loaded model computes its experts with the fused forward, with the lean forward's
+    logits and LoRA gradients (float32: within rounding)."""
+    lean = lora_model(mxfp4_checkpoint, "auto")
+    fused = lora_model(mxfp4_checkpoint, "auto", experts_forward="fused")
+    assert lean.get_base_model().config._experts_implementation == "lean"
+    assert fused.get_base_model().config._experts_implementation == "fused"
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(4))
+    want_logits, want_grads = micro_step(lean, ids)
+    got_logits, got_grads = micro_step(fused, ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) == 16
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mxfp4_refuses_a_checkpoint_that_is_not(tiny_model):

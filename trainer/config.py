@@ -22,6 +22,7 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
 TORCH_DTYPES = ("bfloat16", "float32")
 EXPERTS_FORMATS = ("auto", "mxfp4", "bf16")
+EXPERTS_FORWARDS = ("lean", "fused")
 REPORT_TARGETS = ("none", "tensorboard", "wandb", "trackio")
 MAX_SECONDS = 1e6  # longer waits overflow socket timeouts and sleeps
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -119,6 +120,7 @@ class Settings:
     attn_implementation: str = setting("ATTN_IMPLEMENTATION", "auto", "Attention of the trainer: auto, fa4 where it can run (bfloat16 on a GPU that has its sink backward, the package installed), else eager; eager (any device); fa4, FlashAttention 4 with GPT-OSS's sinks and sliding window forward and backward (the image has it; Hopper or datacenter Blackwell GPUs, bfloat16); flex_attention (GPU, the model on one GPU); or another transformers name. For a model with attention sinks (GPT-OSS), kernels that lose the sinks or their gradients, or are not checked for them (kernels-community/vllm-flash-attn3, flash_attention_2/3/4, sdpa), are refused at start. docs/attention.md.")
     torch_dtype: str = setting("TORCH_DTYPE", "bfloat16", "Dtype the trainer loads the model in (MXFP4 checkpoints are dequantized to it).", one_of(*TORCH_DTYPES))
     experts_format: str = setting("EXPERTS_FORMAT", "auto", "How the trainer holds an MXFP4 checkpoint's frozen MoE experts (GPT-OSS): auto and mxfp4 keep the checkpoint's MXFP4 blocks and scales on the GPU, as vLLM does, dequantized one layer at a time inside its forward (the same logits, the model in a third of its bf16 memory, so every trainer rank holds it whole, unsharded); bf16 dequantizes them at load (TORCH_DTYPE), sharded over the ranks by FSDP2. mxfp4 refuses a checkpoint that is not MXFP4; auto and bf16 load any.", one_of(*EXPERTS_FORMATS))
+    experts_forward: str = setting("EXPERTS_FORWARD", "lean", "How the trainer computes the MoE experts (GPT-OSS) of either format: lean is transformers' grouped-GEMM forward without its expert-parallel masking (trainer/experts.py); fused also runs each expert bias and gpt-oss's clamped gate in one Triton kernel each way and dispatches and combines by gathers (trainer/fused_experts.py: the same values within rounding, checked against transformers on the CPU; its speed on a GPU is not yet measured, BENCHMARKS.md). Experts whose biases train take lean.", one_of(*EXPERTS_FORWARDS))
     gpu_memory_budget_gib: float = setting("GPU_MEMORY_BUDGET_GIB", 30.0, "With one trainer process (TRAINER_PROCESSES=1): GiB of weights it may place on each GPU (layers are spread evenly); vLLM holds its share beside them. Ranks shard the weights evenly instead and ignore it.", at_least(1))
     gradient_checkpointing: bool = setting("GRADIENT_CHECKPOINTING", True, "Recompute activations in backward to keep the micro-step peak low.")
     # --- LoRA ---

@@ -152,12 +152,13 @@ def register_lean_experts() -> None:
 register_lean_experts()  # importing this module makes experts_implementation="lean" known to transformers
 
 
-def use_lean_experts(model) -> bool:
-    """Switch a model on transformers' grouped_mm experts to the lean forward (same values); True if it did."""
+def use_experts_forward(model, forward: str = "lean") -> bool:
+    """Switch a model on transformers' grouped_mm experts to `forward` ("lean", or "fused" once
+    trainer/fused_experts.py is imported); True if it did."""
     config = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm" or not experts_modules(model):
         return False
-    model.set_experts_implementation("lean")
+    model.set_experts_implementation(forward)
     return True
 
 

@@ -26,7 +26,8 @@ def load_tokenizer(model_name: str):
 
 
 def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory_budget_gib: float,
-               gradient_checkpointing: bool, for_ranks: bool = False, experts_format: str = "auto"):
+               gradient_checkpointing: bool, for_ranks: bool = False, experts_format: str = "auto",
+               experts_forward: str = "lean"):
     """For trainer ranks, the whole model in host memory: FSDP2 then takes it to the rank's GPU one decoder layer
     at a time, keeping only the rank's shard (ranks.shard_frozen_base), so no GPU ever holds the whole model beside
     the server. For one trainer process, its layers spread over the visible GPUs within the budget.
@@ -71,8 +72,12 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
             model.to(device)  # the whole model fits one GPU
             model.hf_device_map = {"": device.index}
         experts.check_kernel_against_reference(model)
-    if experts.use_lean_experts(model):
-        log.info("experts: the lean grouped-GEMM forward (no expert-parallel masking)")
+    if experts_forward == "fused":
+        from . import fused_experts  # noqa: F401  (registers the "fused" forward with transformers)
+    if experts.use_experts_forward(model, experts_forward):
+        log.info("experts: the %s forward (%s)", experts_forward, {
+            "lean": "grouped GEMMs, no expert-parallel masking",
+            "fused": "grouped GEMMs, bias and gate fused in Triton, gathers for dispatch and combine"}[experts_forward])
     log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
              f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
     return model

@@ -110,7 +110,8 @@ def train(s: Settings, stop: GracefulStop, ranks: Ranks = Ranks()) -> int:
     ranks.on_main(lambda: check_server(s, ServerRecovery(client, s.vllm_wait_timeout, lambda: stop.requested)))
 
     model = load_model(s.model_name, s.torch_dtype, s.attn_implementation, s.gpu_memory_budget_gib,
-                       s.gradient_checkpointing, for_ranks=ranks.distributed, experts_format=s.experts_format)
+                       s.gradient_checkpointing, for_ranks=ranks.distributed, experts_format=s.experts_format,
+                       experts_forward=s.experts_forward)
     trainer = AdapterSyncGRPOTrainer(ranks=ranks,
         client=client, adapters_dir=s.run_dir / "adapters", wait_timeout=s.vllm_wait_timeout,
         stop_requested=lambda: stop.requested, max_off_policy_steps=s.max_off_policy_steps,
