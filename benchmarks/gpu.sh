@@ -95,9 +95,10 @@
 #                     and the peak memory of both processes on the card, in $OUT/results.md. Three steps of 128
 #                     sequences may outlast the default TRAIN_TIMEOUT: raise it, or add GRADIENT_ACCUMULATION_STEPS=32
 #   gpu.sh one-gpu trl-colocate [NAME=VALUE ...]
-#                     the same work in TRL's colocated layout (benchmarks/trl_layouts.py colocate): the server
+#                     the same work in TRL's colocated layout (benchmarks/trl_layouts.py colocate, run by
+#                     VLLM_PYTHON, which then needs TRL, and flash-attn-4 for the stack's attention): the server
 #                     stopped, vLLM inside the trainer process with the same share of the card, asleep while it
-#                     trains; the same results files. Give each its own OUT.
+#                     trains; the same results files. TRAIN_TIMEOUT covers vLLM's start here too. Give each its own OUT.
 #   gpu.sh bench-generation LABEL [ARGS]
 #                     adapter registration latency and generation tokens/s (benchmarks/bench_generation.py)
 #
@@ -146,7 +147,8 @@ start_vllm() {  # [NAME=VALUE ...] overrides of .env.example; kept for a restart
     eval "$(env_example)"
     export MODEL_NAME="$CKPT" VLLM_SERVER_PORT="$PORT" "$@"
     # sized for H100 80 GB even on H200: vLLM takes the fraction asked for of an 80 GB card, not of this one
-    export VLLM_GPU_MEMORY_UTILIZATION=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
+    fraction=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")  # apart: `export X=$(...)` would hide a failure
+    export VLLM_GPU_MEMORY_UTILIZATION=$fraction
     echo "vLLM memory fraction: ${VLLM_GPU_MEMORY_UTILIZATION}"
     echo "free MiB per GPU at start: $(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | paste -sd/)"
     setsid "$VLLM_PYTHON" "$REPO/docker/vllm/serve.py" >> /tmp/vllm.log 2>&1 &
@@ -215,12 +217,13 @@ case "${1:-}" in
     exec bash "$0" train-one "${@:2}" ;;
   one-gpu)
     mapfile -t example < <(one_gpu_values)
+    example+=(CUDA_VISIBLE_DEVICES=0)  # one card, whatever the host has
     if [[ -f /tmp/vllm.pid ]]; then kill_vllm; fi
+    if [[ ! -d $CKPT ]]; then build_checkpoint; fi
     if [[ "${2:-}" == trl-colocate ]]; then
       exec bash "$0" train-trl-colocate "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-trl-colocate-$(date +%s)" \
         "${@:3}"
     fi
-    if [[ ! -d $CKPT ]]; then build_checkpoint; fi
     SECONDS=0
     start_vllm "${example[@]}" "${@:2}"; wait_health 420
     exec bash "$0" train-one "${example[@]}" MAX_STEPS=3 RUNS_DIR="/tmp/runs-one-gpu-$(date +%s)" "${@:2}" ;;
@@ -253,7 +256,8 @@ case "${1:-}" in
       fi
       if (($# > 1)); then export "${@:2}"; fi
       if [[ $1 == train-trl-colocate ]]; then  # vLLM inside the trainer, on the first GPU
-        export CUDA_VISIBLE_DEVICES=0 VLLM_GPU_MEMORY_UTILIZATION=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
+        fraction=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
+        export CUDA_VISIBLE_DEVICES=0 VLLM_GPU_MEMORY_UTILIZATION=$fraction
         command=("$VLLM_PYTHON" "$REPO/benchmarks/trl_layouts.py" colocate)
       fi
       cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" "${command[@]}"  # the image's WORKDIR
@@ -261,7 +265,8 @@ case "${1:-}" in
     kill $sampler || true
     run=$(ls -td /tmp/runs*/*/ | head -1)  # this call's run (RUNS_DIR=/tmp/runs-... keeps runs apart)
     cp "$run/metrics.jsonl" "$run/training.log" "$OUT/" 2>/dev/null || true
-    cp /tmp/gpu-memory.csv "$OUT/"; tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"
+    cp /tmp/gpu-memory.csv "$OUT/"
+    if [[ $1 != train-trl-colocate ]]; then tail -c 200000 /tmp/vllm.log > "$OUT/vllm.log"; fi  # else in its stdout
     PYTHONPATH="$REPO" "$TRAINER_PYTHON" "$REPO/benchmarks/summarize.py" "$OUT" | tee "$OUT/results.md" ;;
   trl-serve)
     kill_vllm; SECONDS=0

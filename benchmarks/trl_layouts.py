@@ -14,8 +14,12 @@
   never pushes, so for such a model vLLM sleeps at level 1 instead (weights kept in host memory while it sleeps).
 
 Everything else is the stack's trainer: the same settings, data, rewards, model loading, micro-step memory and
-run log, so the step lines compare the layouts alone. This needs vLLM and TRL in one environment (the vLLM image's
-packages plus TRL's), where the stack keeps them in two.
+run log, so the step lines compare the layouts alone. Two readings differ: the sync time holds TRL's weight push
+and, colocated, vLLM's sleep and wake-ups; and a colocated run's memory peaks are the process's, with what vLLM
+allocates through PyTorch, so the card's total (nvidia-smi, in gpu.sh's results.md) is what compares. This needs
+vLLM and TRL in one environment (the vLLM image's packages plus the trainer's), where the stack keeps them in two;
+`ATTN_IMPLEMENTATION=auto` takes FlashAttention 4 only where `flash-attn-4` is installed there too (the log's
+"loaded ... attention" line says which ran).
 """
 
 from __future__ import annotations
@@ -50,33 +54,42 @@ log = logging.getLogger("trainer")
 
 class TimedGeneration:
     """TRL's VLLMGeneration, timed as the stack's ServerGeneration times itself (for RunLogger). Sampling happens
-    inside the step, so the step waits for all of it; a weight sync inside `generate` (colocate, after sleeping)
-    counts as sync, not sampling."""
+    inside the step, so the step waits for all of it. Moving weights counts as sync, not sampling: TRL's weight push
+    and, colocated, vLLM's sleep and wake-ups (TRL calls them from inside `generate` and `sync_weights`)."""
 
     def __init__(self, inner, steps_done):
         self.inner = inner
         self.steps_done = steps_done  # the policy version a round samples with: the steps taken before it
         self.timings = StepTimings()
-        inner_sync = inner.sync_weights
+        self.round = ("", 0)  # the adapter and version of the last round sampled: later steps may train on it
+        self._timing = False
+        # on the instances, so that TRL's own calls from inside `generate` are timed too
+        inner.sync_weights = self._as_sync(inner.sync_weights)
+        if getattr(inner, "llm", None) is not None:  # colocated: vLLM in this process
+            inner.llm.sleep = self._as_sync(inner.llm.sleep)
+            inner.llm.wake_up = self._as_sync(inner.llm.wake_up)
 
-        def timed_sync():  # on the instance, so that TRL's own calls from inside `generate` are timed too
-            start = time.perf_counter()
-            inner_sync()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.timings.sync_seconds += time.perf_counter() - start
+    def _as_sync(self, call):
+        def timed(*args, **kwargs):
+            if self._timing:  # inside another timed call (a wake-up inside the push): counted there
+                return call(*args, **kwargs)
+            self._timing, start = True, time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.timings.sync_seconds += time.perf_counter() - start
+                self._timing = False
+        return timed
 
-        inner.sync_weights = timed_sync
-
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # sync_weights included: the timed one on the instance
         return getattr(self.inner, name)
 
     def take_timings(self) -> StepTimings:
         timings, self.timings = self.timings, StepTimings()
+        timings.adapter, timings.adapter_version = self.round
         return timings
-
-    def sync_weights(self) -> None:
-        self.inner.sync_weights()
 
     def generate(self, prompts, images, num_generations, profiler=None):
         start, synced = time.perf_counter(), self.timings.sync_seconds
@@ -84,7 +97,7 @@ class TimedGeneration:
         sampling = time.perf_counter() - start - (self.timings.sync_seconds - synced)
         self.timings.generation_seconds += sampling
         self.timings.rollout_wait_seconds += sampling
-        self.timings.adapter, self.timings.adapter_version = "merged into the weights", self.steps_done()
+        self.round = ("merged weights", self.steps_done())
         self.timings.completion_tokens += sum(len(c) for c in result[1])
         self.timings.prompt_tokens += sum(len(p) for p in result[0])
         return result

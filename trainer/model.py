@@ -77,7 +77,8 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
     if experts.use_experts_forward(model, experts_forward):
         log.info("experts: the %s forward (%s)", experts_forward, {
             "lean": "grouped GEMMs, no expert-parallel masking",
-            "fused": "grouped GEMMs, bias and gate fused in Triton, gathers for dispatch and combine"}[experts_forward])
+            "fused": "grouped GEMMs, the gate_up bias and the gate in one kernel, gathers for dispatch and combine; "
+                     "lean for experts whose biases train"}[experts_forward])
     log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
              f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
     return model
