@@ -132,3 +132,27 @@ def test_readme_stays_an_operators_guide():
                                                          "Your own data and rewards", "Stop, resume, restart",
                                                          "Troubleshooting")]
     assert order == sorted(order)
+
+
+def test_readme_step_line_is_the_run_logger_s_current_format():
+    """The example a user compares `docker compose logs trainer` with has the fields, in the order, that the trainer
+    writes today (numbers aside)."""
+    from types import SimpleNamespace
+
+    from trainer.run_log import RunLogger
+
+    (example,) = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("step ")]
+    logger = RunLogger.__new__(RunLogger)
+    logger.first_step, logger.run_started = 0, 0.0
+    record = {"step": 20, "max_steps": 20, "reward": 1.0, "reward_std": 0.0, "completions/clipped_ratio": 0.0,
+              "completions/mean_length": 10, "time/generation_s": 3.6, "rollouts/sampled_ahead": 0,
+              "time/rollout_wait_s": 3.6, "time/sync_s": 0.14, "time/train_s": 4.6, "tokens/generation_per_s": 43,
+              "tokens/train_per_s": 166, "sampling/sampling_logp_difference/mean": 2e-6,
+              "sampling/importance_sampling_ratio/mean": 1.0, "memory/peak_gib/cpu": 2.3, "adapter": "policy-v19",
+              "rollouts/staleness": 0}
+    written = logger.format_line(record, SimpleNamespace(global_step=20, max_steps=20))
+
+    def shape(line: str) -> str:
+        return re.sub(r"\d+(\.\d+)?(e[+-]\d+)?", "#", line)
+
+    assert shape(example) == shape(written), f"README.md shows\n{example}\nthe trainer writes\n{written}"
