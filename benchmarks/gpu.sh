@@ -255,9 +255,9 @@ case "${1:-}" in
         command=("$VLLM_PYTHON" "$REPO/benchmarks/trl_layouts.py" server)
       fi
       if (($# > 1)); then export "${@:2}"; fi
-      if [[ $1 == train-trl-colocate ]]; then  # vLLM inside the trainer, on the first GPU
+      if [[ $1 == train-trl-colocate ]]; then  # vLLM inside the trainer (one-gpu keeps it on one card)
         fraction=$(as_on_80gb "$VLLM_GPU_MEMORY_UTILIZATION")
-        export CUDA_VISIBLE_DEVICES=0 VLLM_GPU_MEMORY_UTILIZATION=$fraction
+        export VLLM_GPU_MEMORY_UTILIZATION=$fraction
         command=("$VLLM_PYTHON" "$REPO/benchmarks/trl_layouts.py" colocate)
       fi
       cd "$REPO/trainer" && timeout -k 15 "${TRAIN_TIMEOUT:-520}" "${command[@]}"  # the image's WORKDIR

@@ -153,8 +153,8 @@ register_lean_experts()  # importing this module makes experts_implementation="l
 
 
 def use_experts_forward(model, forward: str = "lean") -> bool:
-    """Switch a model on transformers' grouped_mm experts to `forward` ("lean", or "fused" once
-    trainer/fused_experts.py is imported); True if it did."""
+    """Switch a model on transformers' grouped_mm experts to `forward` ("lean", or "fused", which
+    trainer/fused_experts.py registers); True if it did."""
     config = getattr(model, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm" or not experts_modules(model):
         return False

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import attention  # importing it registers ATTN_IMPLEMENTATION=fa4 with transformers
 from . import experts  # and this the lean experts forward
+from . import fused_experts  # noqa: F401  (and this the fused one: EXPERTS_FORWARD)
 from .config import SettingsError
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,8 @@ def load_model(model_name: str, dtype: str, attn_implementation: str, gpu_memory
             model.to(device)  # the whole model fits one GPU
             model.hf_device_map = {"": device.index}
         experts.check_kernel_against_reference(model)
-    if experts_forward == "fused":
-        from . import fused_experts  # noqa: F401  (registers the "fused" forward with transformers)
     if experts.use_experts_forward(model, experts_forward):
-        log.info("experts: the %s forward (%s)", experts_forward, {
-            "lean": "grouped GEMMs, no expert-parallel masking",
-            "fused": "grouped GEMMs, the gate_up bias and the gate in one kernel, gathers for dispatch and combine; "
-                     "lean for experts whose biases train"}[experts_forward])
+        log.info("experts: the %s forward (EXPERTS_FORWARD)", experts_forward)
     log.info("loaded %s (%s, attention %s)%s", model_name, dtype, attn_implementation,
              f" over {sorted(set(model.hf_device_map.values()))}" if hasattr(model, "hf_device_map") else "")
     return model
